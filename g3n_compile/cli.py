@@ -1,0 +1,39 @@
+"""g3n-compile: a Gemma 3n checkpoint -> an output folder of IREE modules + parameter archive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="g3n-compile",
+        description="Compile a Gemma 3n checkpoint (Hugging Face folder) into an output folder: model.irpa "
+                    "(weights), <target>.vmfb (code), tokenizer files and g3n.json (the module ABI). "
+                    "Run it with g3n-run.")
+    p.add_argument("--model", default="tiny-random",
+                   help="checkpoint folder, or 'tiny-random' (the built-in random test model; default)")
+    p.add_argument("--target", default="cpu", help="IREE target (default: cpu)")
+    p.add_argument("-o", "--output", type=Path, help="output folder (default: out/<model name>)")
+    p.add_argument("--max-context", type=int, default=2048, help="tokens the KV cache holds (default: 2048)")
+    p.add_argument("--chunk", type=int, default=128, help="prefill chunk: tokens per prefill call (default: 128)")
+    args = p.parse_args(argv)
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .pipeline import CompileError, compile_model
+
+    out = args.output or Path("out") / Path(args.model).name
+    try:
+        compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk,
+                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (CheckpointError, ConfigError, CompileError) as e:
+        print(f"g3n-compile: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

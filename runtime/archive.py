@@ -1,0 +1,28 @@
+"""Read named entries of an `.irpa` parameter archive from the host, memory-mapped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ARCHIVE_ID = "g3n.archive_id"
+
+
+class ArchiveReader:
+    def __init__(self, path: Path):
+        import iree.runtime as rt
+
+        self.path = Path(path)
+        index = rt.ParameterIndex()
+        index.load(str(self.path))
+        self.entries = {key: (e.file_storage[1], e.length) for key, e in index.items() if e.is_file}
+
+    def bytes(self, name: str) -> bytes:
+        offset, length = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.entries[name][0], shape=shape)

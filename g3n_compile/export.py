@@ -15,6 +15,7 @@ Uses IREE's bundled copy of torch-mlir's FX importer: its context also holds IRE
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,9 @@ def export_text_model(model: Gemma3nTextModel, chunk: int, max_context: int, log
     importer = FxImporter(context=ir.Context(), hooks=hooks)
     for name, tokens in (("prefill", chunk), ("decode", 1)):
         t0 = time.perf_counter()
-        program = _export(model, tokens, max_context)
+        with warnings.catch_warnings():  # torch.export's own deprecation chatter, not actionable here
+            warnings.simplefilter("ignore", FutureWarning)
+            program = _export(model, tokens, max_context)
         weights = {k.removeprefix("model."): v for k, v in program.state_dict.items()}
         hooks.names_by_id = {id(v): k for k, v in weights.items() if k in parameter_names}
         importer.import_frozen_program(program, func_name=f"{name}_step")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -16,8 +15,9 @@ from .checkpoint import CheckpointError
 from .export import PARAM_SCOPE, export_text_model
 from .model import load_model
 from .presets import resolve_checkpoint
+# The output folder's format is defined once, by the runtime that reads it.
+from runtime.module import MANIFEST, sha256_file
 
-MANIFEST = "g3n.json"
 PLE_TABLE = "embed_tokens_per_layer.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
@@ -25,14 +25,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 class CompileError(RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compile_model(model: str, target: str, out: Path, max_context: int = 2048, chunk: int = 128,
@@ -146,7 +138,7 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
         "parameters": {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
                        "archive_id_entry": ARCHIVE_ID, "count": len(exported.parameters) + 1},
         "targets": {target: {"file": vmfb.name, "driver": target_mod.DRIVER, "flags": flags,
-                             "sha256": sha256(vmfb), "bytes": vmfb.stat().st_size}},
+                             "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size}},
     }
 
 

@@ -18,7 +18,7 @@ class ModelError(RuntimeError):
     """A compiled folder (or a request to it) that cannot be used; the message says why."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -49,7 +49,7 @@ class CompiledModel:
         for f in (vmfb, irpa):
             if not f.is_file():
                 raise ModelError(f"{f}: missing (recompile with g3n-compile)")
-        if _sha256(vmfb) != targets[target]["sha256"]:
+        if sha256_file(vmfb) != targets[target]["sha256"]:
             raise ModelError(f"{vmfb}: does not match {MANIFEST} (it was replaced or rebuilt); recompile the folder")
         self.archive = ArchiveReader(irpa)
         stored = self.archive.bytes(m["parameters"]["archive_id_entry"]).decode(errors="replace") \

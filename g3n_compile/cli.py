@@ -8,26 +8,38 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from targets import TARGETS, list_targets
+
     p = argparse.ArgumentParser(
         prog="g3n-compile",
         description="Compile a Gemma 3n checkpoint (Hugging Face folder) into an output folder: model.irpa "
-                    "(weights), <target>.vmfb (code), tokenizer files and g3n.json (the module ABI). "
-                    "Run it with g3n-run.")
+                    "(weights), <target>.vmfb (code, one per target), tokenizer files and g3n.json (the module "
+                    "ABI). Compiling another target into a folder of the same checkpoint and settings adds its "
+                    "module and keeps the folder's model.irpa. Run it with g3n-run.")
     p.add_argument("--model", default="tiny-random",
                    help="checkpoint folder, or 'tiny-random' (the built-in random test model; default)")
-    p.add_argument("--target", default="cpu", help="IREE target (default: cpu)")
+    p.add_argument("--target", default="cpu",
+                   help=f"one target or a comma-separated list: {', '.join(TARGETS)} (default: cpu; see --list-targets)")
+    for name, target in TARGETS.items():
+        p.add_argument(target.ARCH_OPTION, dest=f"arch_{name}", metavar="NAME",
+                       help=f"{name} architecture: {', '.join(target.ARCHS)} (default: {target.DEFAULT_ARCH})")
+    p.add_argument("--list-targets", action="store_true", help="print the targets and their architectures, then exit")
     p.add_argument("-o", "--output", type=Path, help="output folder (default: out/<model name>)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens the KV cache holds (default: 2048)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk: tokens per prefill call (default: 128)")
     args = p.parse_args(argv)
+    if args.list_targets:
+        print(list_targets())
+        return 0
 
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .pipeline import CompileError, compile_model
 
     out = args.output or Path("out") / Path(args.model).name
+    archs = {name: getattr(args, f"arch_{name}") for name in TARGETS if getattr(args, f"arch_{name}") is not None}
     try:
-        compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk,
+        compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk, archs=archs,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (CheckpointError, ConfigError, CompileError) as e:
         print(f"g3n-compile: error: {e}", file=sys.stderr)

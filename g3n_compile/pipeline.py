@@ -1,8 +1,15 @@
-"""checkpoint -> model -> export -> IREE -> output folder (`model.irpa`, `<target>.vmfb`, tokenizer, `g3n.json`)."""
+"""checkpoint -> model -> export -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
+tokenizer, `g3n.json`).
+
+One export serves every target asked for. Compiling more targets into a folder that already holds this
+checkpoint at the same settings keeps its `model.irpa` (and its archive id) and its other targets' modules.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,24 +23,53 @@ from .export import PARAM_SCOPE, export_text_model
 from .model import load_model
 from .presets import resolve_checkpoint
 # The output folder's format is defined once, by the runtime that reads it.
+from runtime.archive import ArchiveReader
 from runtime.module import MANIFEST, sha256_file
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
+# What every module in one folder shares with its model.irpa: a folder whose manifest matches on all of
+# these (and whose archive is intact) gets new targets without rewriting the archive.
+SHARED_BUILD = ("format", "g3n_version", "source", "source_fingerprint", "config", "max_context", "prefill_chunk",
+                "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache")
 
 
 class CompileError(RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
 
 
-def compile_model(model: str, target: str, out: Path, max_context: int = 2048, chunk: int = 128,
-                  log=print) -> dict:
+def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """[(target name, architecture)] from names (or one comma-separated string) and per-target archs."""
     from targets import TARGETS
 
-    if target not in TARGETS:
-        raise CompileError(f"unknown target {target!r} (available: {', '.join(TARGETS)})")
-    target_mod = TARGETS[target]
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    archs = archs or {}
+    for name in [*names, *archs]:
+        if name not in TARGETS:
+            raise CompileError(f"unknown target {name!r} (available: {', '.join(TARGETS)})")
+    unused = [TARGETS[name].ARCH_OPTION for name in archs if name not in names]
+    if unused:
+        raise CompileError(f"{', '.join(unused)} given, but the target is not among {', '.join(names)}")
+    if not names:
+        raise CompileError("no target given")
+    plan = {}
+    for name in names:
+        module = TARGETS[name]
+        plan[name] = archs.get(name, module.DEFAULT_ARCH)
+        if not module.accepts(plan[name]):
+            raise CompileError(f"{module.ARCH_OPTION} {plan[name]!r} is not a known {name} architecture "
+                               f"(known: {', '.join(module.ARCHS)})")
+    return list(plan.items())
+
+
+def compile_model(model: str, targets: str | list[str], out: Path, max_context: int = 2048, chunk: int = 128,
+                  archs: dict[str, str] | None = None, log=print) -> dict:
+    """Compile `model` for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into the folder `out`; `archs` maps a
+    target to its architecture (default: each target's DEFAULT_ARCH). Returns the manifest written."""
+    from targets import TARGETS
+
+    plan = resolve_targets(targets, archs)
     folder = resolve_checkpoint(model)
     t_start = time.perf_counter()
     log(f"g3n-compile: loading {folder}")
@@ -52,29 +88,80 @@ def compile_model(model: str, target: str, out: Path, max_context: int = 2048, c
     exported = export_text_model(text, chunk, max_context, log=log)
     t_export = time.perf_counter() - t0
 
-    log(f"g3n-compile: writing {out / 'model.irpa'}")
+    # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
+    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context)))
+    previous = _previous_build(out)
     t0 = time.perf_counter()
-    params = dict(text.named_parameters())
-    archive_id = write_archive(out / "model.irpa", exported.parameters + [PLE_TABLE], lambda n: params[n], log=log)
-    t_archive = time.perf_counter() - t0
-
-    vmfb = out / f"{target}.vmfb"
-    flags = target_mod.compile_flags()
-    log(f"g3n-compile: compiling for {target} ({' '.join(flags)})")
-    t0 = time.perf_counter()
-    _iree_compile(exported.mlir, vmfb, flags)
-    t_compile = time.perf_counter() - t0
-
+    if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD):
+        log(f"g3n-compile: {out} already holds this build: keeping its model.irpa and its "
+            f"{', '.join(previous['targets']) or 'no'} modules")
+        manifest["parameters"], manifest["targets"] = previous["parameters"], previous["targets"]
+        t_archive = None
+    else:
+        if previous is not None:
+            _remove_modules(out, previous, log)
+        log(f"g3n-compile: writing {out / 'model.irpa'}")
+        params = dict(text.named_parameters())
+        names = exported.parameters + [PLE_TABLE]
+        archive_id = write_archive(out / "model.irpa", names, lambda n: params[n], log=log)
+        manifest["parameters"] = {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
+                                  "archive_id_entry": ARCHIVE_ID, "count": len(names)}
+        t_archive = round(time.perf_counter() - t0, 2)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
-    manifest = _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context)
-    manifest["timings_s"] = {"export": round(t_export, 2), "archive": round(t_archive, 2),
-                             "iree_compile": round(t_compile, 2), "total": round(time.perf_counter() - t_start, 2)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    for name, arch in plan:
+        target = TARGETS[name]
+        vmfb = out / f"{name}.vmfb"
+        flags = target.compile_flags(arch)
+        log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
+        t0 = time.perf_counter()
+        _iree_compile(exported.mlir, vmfb, flags)
+        manifest["targets"][name] = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
+                                     "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
+                                     "compile_s": round(time.perf_counter() - t0, 2)}
+        manifest["timings_s"] = {"export": round(t_export, 2), "archive": t_archive,
+                                 "total": round(time.perf_counter() - t_start, 2)}
+        _write_json(out / MANIFEST, manifest)  # after each module: the folder is usable at every step
+        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in "
+            f"{manifest['targets'][name]['compile_s']:.1f}s")
     log(f"g3n-compile: done in {manifest['timings_s']['total']:.1f}s -> {out} "
-        f"({vmfb.stat().st_size / 1e6:.2f} MB module, {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
+        f"({', '.join(manifest['targets'])}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
     return manifest
+
+
+def _previous_build(out: Path) -> dict | None:
+    """The manifest already in `out` if its parameter archive is there and is the one it names."""
+    try:
+        previous = json.loads((out / MANIFEST).read_text())
+        params = previous["parameters"]
+        stored = ArchiveReader(out / params["file"]).bytes(params["archive_id_entry"]).decode()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+    return previous if stored == params["archive_id"] else None
+
+
+def _remove_modules(out: Path, previous: dict, log) -> None:
+    """Another build is being written over this folder: its modules would not match the new archive."""
+    stale = [out / t["file"] for t in previous["targets"].values() if (out / t["file"]).is_file()]
+    if stale:
+        log(f"g3n-compile: {out} held a different build; removing its modules ({', '.join(p.name for p in stale)})")
+    for path in stale:
+        path.unlink()
+
+
+def _source_fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of the checkpoint's config and weight files."""
+    files = sorted({folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")})
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
@@ -82,14 +169,17 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
 
     src = vmfb.with_suffix(".mlir")
     src.write_text(mlir)
+    partial = vmfb.with_name(vmfb.name + ".partial")  # a failed compile leaves the previous module intact
     try:
-        ic.compile_file(str(src), output_file=str(vmfb), input_type="torch", extra_args=flags)
+        ic.compile_file(str(src), output_file=str(partial), input_type="torch", extra_args=flags)
     except ic.CompilerToolError as e:
         raise CompileError(f"iree-compile failed for {vmfb.name} (MLIR kept at {src}):\n{str(e)[-3000:]}") from None
+    os.replace(partial, vmfb)
     src.unlink()
 
 
-def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context) -> dict:
+def _manifest(text, exported, folder: Path, max_context: int) -> dict:
+    """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
     cfg = text.config
     rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
     c, v = exported.chunk, cfg.vocab_size
@@ -106,6 +196,7 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
     return {
         "format": "g3n-module", "g3n_version": __version__,
         "source": str(folder),
+        "source_fingerprint": _source_fingerprint(folder),
         "config": cfg.to_hf_dict(),
         "max_context": max_context,
         "prefill_chunk": c,
@@ -135,10 +226,8 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
         "tokenizer": {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
                       "add_bos_token": tok_cfg.get("add_bos_token", True), "chat_template": template},
         "stop_token_ids": list(cfg.eos_token_id),
-        "parameters": {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
-                       "archive_id_entry": ARCHIVE_ID, "count": len(exported.parameters) + 1},
-        "targets": {target: {"file": vmfb.name, "driver": target_mod.DRIVER, "flags": flags,
-                             "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size}},
+        "parameters": None,
+        "targets": {},
     }
 
 

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="output folder (default: out/<model name>)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens the KV cache holds (default: 2048)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk: tokens per prefill call (default: 128)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weight dtype in model.irpa (default: auto = as stored in the checkpoint)")
     args = p.parse_args(argv)
 
     from .checkpoint import CheckpointError
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output or Path("out") / Path(args.model).name
     try:
         compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk,
+                      dtype=args.dtype,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (CheckpointError, ConfigError, CompileError) as e:
         print(f"g3n-compile: error: {e}", file=sys.stderr)

@@ -11,14 +11,14 @@ import torch
 
 from . import __version__
 from .archive import ARCHIVE_ID, write_archive
-from .checkpoint import CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, text_model_for_export
 from .export import PARAM_SCOPE, export_text_model
-from .model import load_model
 from .presets import resolve_checkpoint
 # The output folder's format is defined once, by the runtime that reads it.
 from runtime.module import MANIFEST, sha256_file
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
 
@@ -28,7 +28,9 @@ class CompileError(RuntimeError):
 
 
 def compile_model(model: str, target: str, out: Path, max_context: int = 2048, chunk: int = 128,
-                  log=print) -> dict:
+                  dtype: str = "auto", log=print) -> dict:
+    """Compile checkpoint `model` (folder or preset name) for `target` into folder `out`. Weights are
+    stored in `dtype` ("auto": as in the checkpoint)."""
     from targets import TARGETS
 
     if target not in TARGETS:
@@ -36,8 +38,14 @@ def compile_model(model: str, target: str, out: Path, max_context: int = 2048, c
     target_mod = TARGETS[target]
     folder = resolve_checkpoint(model)
     t_start = time.perf_counter()
-    log(f"g3n-compile: loading {folder}")
-    text = load_model(folder, dtype=torch.float32)
+    log(f"g3n-compile: reading {folder}")
+    ckpt = Checkpoint(folder)
+    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
+        raise CompileError(f"unknown weight dtype {dtype!r} (available: auto, {', '.join(WEIGHT_DTYPES)})")
+    weight_dtype = ckpt.text_dtype() if dtype == "auto" else WEIGHT_DTYPES[dtype]
+    if weight_dtype not in WEIGHT_DTYPES.values():
+        raise CompileError(f"{folder}: weights stored as {weight_dtype}; choose --dtype float32 or bfloat16")
+    text, stored_names = text_model_for_export(ckpt, weight_dtype)
     cfg = text.config
     if not 1 <= chunk <= max_context:
         raise CompileError(f"--chunk {chunk} must be between 1 and --max-context ({max_context})")
@@ -52,10 +60,10 @@ def compile_model(model: str, target: str, out: Path, max_context: int = 2048, c
     exported = export_text_model(text, chunk, max_context, log=log)
     t_export = time.perf_counter() - t0
 
-    log(f"g3n-compile: writing {out / 'model.irpa'}")
+    log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights)")
     t0 = time.perf_counter()
-    params = dict(text.named_parameters())
-    archive_id = write_archive(out / "model.irpa", exported.parameters + [PLE_TABLE], lambda n: params[n], log=log)
+    archive_id = write_archive(out / "model.irpa", exported.parameters + [PLE_TABLE],
+                               lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype), log=log)
     t_archive = time.perf_counter() - t0
 
     vmfb = out / f"{target}.vmfb"
@@ -89,6 +97,10 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
     src.unlink()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context) -> dict:
     cfg = text.config
     rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
@@ -110,6 +122,7 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
         "max_context": max_context,
         "prefill_chunk": c,
         "quantization": "none",
+        "weight_dtype": _dtype_name(text.embed_tokens.weight.dtype),
         "activation_dtype": "float32",
         "functions": {
             "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
@@ -121,9 +134,9 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
                        "results": [arg("logits", "float32", (1, 1, v))],
                        "doc": "one token at position start"},
         },
-        "per_layer_rows": {"parameter": PLE_TABLE, "dtype": "float32",
+        "per_layer_rows": {"parameter": PLE_TABLE, "dtype": _dtype_name(text.embed_tokens_per_layer.weight.dtype),
                            "shape": [cfg.vocab_size_per_layer_input, rows],
-                           "rule": "row = id if 0 <= id < shape[0] else 0; gathered on the host"},
+                           "rule": "row = id if 0 <= id < shape[0] else 0; gathered on the host, passed as float32"},
         "kv_cache": {
             "storage": "module globals kv_cache_0.. (k, v per KV-owning layer), updated in place",
             "layers": [{"layer": layer, "kind": cfg.layer_types[layer],

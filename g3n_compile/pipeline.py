@@ -14,6 +14,8 @@ from .archive import ARCHIVE_ID, write_archive
 from .checkpoint import Checkpoint, CheckpointError, text_model_for_export
 from .export import PARAM_SCOPE, export_text_model
 from .presets import resolve_checkpoint
+from passes import PASSES, PassContext, PassError, run_passes
+from passes.ir import parameters
 # The output folder's format is defined once, by the runtime that reads it.
 from runtime.module import MANIFEST, sha256_file
 
@@ -27,15 +29,24 @@ class CompileError(RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
 
 
+QUANTIZATIONS = ("none", "int4")
+
+
 def compile_model(model: str, target: str, out: Path, max_context: int = 2048, chunk: int = 128,
-                  dtype: str = "auto", log=print) -> dict:
+                  dtype: str = "auto", quant: str = "none", group_size: int = 32, disabled_passes=(),
+                  dump_ir_after=(), dump_dir: Path | None = None, log=print) -> dict:
     """Compile checkpoint `model` (folder or preset name) for `target` into folder `out`. Weights are
-    stored in `dtype` ("auto": as in the checkpoint)."""
+    stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
+    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/)."""
     from targets import TARGETS
 
     if target not in TARGETS:
         raise CompileError(f"unknown target {target!r} (available: {', '.join(TARGETS)})")
     target_mod = TARGETS[target]
+    if quant not in QUANTIZATIONS:
+        raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
+    if group_size < 2 or group_size % 2:
+        raise CompileError(f"--group-size {group_size} must be an even number >= 2")
     folder = resolve_checkpoint(model)
     t_start = time.perf_counter()
     log(f"g3n-compile: reading {folder}")
@@ -60,24 +71,43 @@ def compile_model(model: str, target: str, out: Path, max_context: int = 2048, c
     exported = export_text_model(text, chunk, max_context, log=log)
     t_export = time.perf_counter() - t0
 
-    log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights)")
+    log("g3n-compile: running passes")
     t0 = time.perf_counter()
-    archive_id = write_archive(out / "model.irpa", exported.parameters + [PLE_TABLE],
-                               lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype), log=log)
+    ctx = PassContext(cfg, target_mod, quant=quant, group_size=group_size)
+    try:
+        mlir, pass_report = run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,
+                                       dump_after=dump_ir_after, dump_dir=dump_dir, log=log)
+    except PassError as e:
+        raise CompileError(str(e)) from None
+    from iree.compiler import ir
+    with ir.Context():
+        archived = sorted(name for name, _ in parameters(ir.Module.parse(mlir)).values())
+    t_passes = time.perf_counter() - t0
+
+    log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights"
+        f"{', int4 linears' if quant == 'int4' else ''})")
+    t0 = time.perf_counter()
+    source = ctx.derived.getter(lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype))
+    archive_id = write_archive(out / "model.irpa", archived + [PLE_TABLE], source, log=log)
     t_archive = time.perf_counter() - t0
 
     vmfb = out / f"{target}.vmfb"
-    flags = target_mod.compile_flags()
+    flags = target_mod.compile_flags(quant=quant)
     log(f"g3n-compile: compiling for {target} ({' '.join(flags)})")
     t0 = time.perf_counter()
-    _iree_compile(exported.mlir, vmfb, flags)
+    _iree_compile(mlir, vmfb, flags)
     t_compile = time.perf_counter() - t0
 
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
-    manifest = _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context)
-    manifest["timings_s"] = {"export": round(t_export, 2), "archive": round(t_archive, 2),
+    manifest = _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context,
+                         len(archived) + 1)
+    manifest["quantization"] = ({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
+                                 "layout": "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"}
+                                if quant == "int4" else "none")
+    manifest["passes"] = pass_report
+    manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": round(t_archive, 2),
                              "iree_compile": round(t_compile, 2), "total": round(time.perf_counter() - t_start, 2)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     log(f"g3n-compile: done in {manifest['timings_s']['total']:.1f}s -> {out} "
@@ -101,7 +131,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context) -> dict:
+def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context,
+              parameter_count) -> dict:
     cfg = text.config
     rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
     c, v = exported.chunk, cfg.vocab_size
@@ -121,7 +152,6 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
         "config": cfg.to_hf_dict(),
         "max_context": max_context,
         "prefill_chunk": c,
-        "quantization": "none",
         "weight_dtype": _dtype_name(text.embed_tokens.weight.dtype),
         "activation_dtype": "float32",
         "functions": {
@@ -149,7 +179,7 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
                       "add_bos_token": tok_cfg.get("add_bos_token", True), "chat_template": template},
         "stop_token_ids": list(cfg.eos_token_id),
         "parameters": {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
-                       "archive_id_entry": ARCHIVE_ID, "count": len(exported.parameters) + 1},
+                       "archive_id_entry": ARCHIVE_ID, "count": parameter_count},
         "targets": {target: {"file": vmfb.name, "driver": target_mod.DRIVER, "flags": flags,
                              "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size}},
     }

@@ -24,6 +24,7 @@ Module and parameter names mirror the checkpoint (`model.` stripped: `audio_towe
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,14 @@ class AudioConfig:
         for stride, _ in self.sscp_conv_stride_size:
             frames = -(-frames // stride)
         return -(-frames // self.conf_reduction_factor)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `audio_config` object of config.json (the three borrowed fields live elsewhere there)."""
+        borrowed = ("text_hidden_size", "text_vocab_size", "soft_tokens")
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in borrowed}
+        for name in ("sscp_conv_channel_size", "sscp_conv_kernel_size", "sscp_conv_stride_size"):
+            d[name] = json.loads(json.dumps(d[name]))  # nested tuples -> lists
+        return {"model_type": "gemma3n_audio", **d}
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "AudioConfig":

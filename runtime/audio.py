@@ -183,7 +183,7 @@ class LogMelSpec:
         known = {k: raw[k] for k in cls.__dataclass_fields__ if raw.get(k) is not None}
         for key in ("per_bin_mean", "per_bin_stddev"):
             if key in known:
-                known[key] = tuple(known[key])
+                known[key] = tuple(np.asarray(known[key], dtype=np.float64).reshape(-1).tolist())  # stored [1, 1, bins]
                 if len(known[key]) != known.get("feature_size", cls.feature_size):
                     raise AudioError(f"preprocessor_config.json: {key} has {len(known[key])} entries, "
                                      f"expected one per mel bin")
@@ -226,21 +226,25 @@ def mel_filters(spec: LogMelSpec) -> np.ndarray:
     return np.maximum(0.0, np.minimum(rising, falling))
 
 
-def log_mel(samples: np.ndarray, spec: LogMelSpec = LogMelSpec()) -> tuple[np.ndarray, np.ndarray]:
+def log_mel(samples: np.ndarray, spec: LogMelSpec = LogMelSpec(), padded_length: int = 0
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Features of one mono clip at `spec.sampling_rate`: (float32 [frames, mel bins], bool [frames]
-    True where the frame starts inside the clip; for a single clip every frame does)."""
+    True where the frame starts inside the clip). The clip is zero-padded to `padded_length` samples
+    first, as transformers pads every clip of a batch to the longest; alone (the default), every frame
+    starts inside the clip."""
     x = np.asarray(samples, dtype=np.float32).reshape(-1)
     seconds = len(x) / spec.sampling_rate
     if len(x) > spec.max_samples:
         raise AudioError(f"the clip is {seconds:.2f} s long; a clip is at most {spec.max_samples / spec.sampling_rate:g} s "
                          "(split it and send the pieces as separate clips)")
-    frames_total = spec.num_frames(len(x))
+    total = max(len(x), min(padded_length, spec.max_samples))
+    frames_total = spec.num_frames(total)
     if frames_total == 0:
         raise AudioError(f"the clip is {seconds * 1000:.1f} ms long; it must be at least "
                          f"{spec.frame_length_ms:g} ms (one frame)")
     if not np.isfinite(x).all():
         raise AudioError("the clip has NaN or infinite samples")
-    padded = np.zeros(-(-len(x) // spec.pad_to_multiple_of) * spec.pad_to_multiple_of, dtype=np.float32)
+    padded = np.zeros(-(-total // spec.pad_to_multiple_of) * spec.pad_to_multiple_of, dtype=np.float32)
     padded[:len(x)] = x
     if spec.input_scale_factor != 1.0:
         padded = padded * spec.input_scale_factor

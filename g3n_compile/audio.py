@@ -215,7 +215,9 @@ class SubsampleConv(nn.Module):
         x = F.pad(x, (1, 1, 0, self.conv.kernel_size[0] - 1))
         x = self.conv(x.to(self.conv.weight.dtype)).float()
         x = torch.relu(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        valid = valid[:, ::self.time_stride]
+        # Every stride-th frame, gathered rather than sliced: IREE's llvm-cpu backend cannot compile the
+        # attention's gathers from a strided slice (LLVM translation fails on an i64 -> index cast).
+        valid = valid.index_select(1, torch.arange(0, valid.shape[1], self.time_stride))
         return torch.where(valid[:, None, :, None], x, 0.0), valid
 
 

@@ -38,6 +38,9 @@ from .config import ConfigError, _int, _num, _scoped
 from .model import Linear, RMSNorm
 
 TOWER_PREFIX, EMBEDDER_PREFIX = "model.audio_tower.", "model.embed_audio."
+# Fields of AudioConfig that config.json keeps outside audio_config: where they live there.
+BORROWED = {"text_hidden_size": ("text_config.", "hidden_size"), "text_vocab_size": ("text_config.", "vocab_size"),
+            "soft_tokens": ("", "audio_soft_tokens_per_image")}
 # transformers builds these norms with the default eps whatever audio_config.rms_norm_eps says.
 _DEFAULT_EPS = 1e-6
 
@@ -97,8 +100,7 @@ class AudioConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `audio_config` object of config.json (the three borrowed fields live elsewhere there)."""
-        borrowed = ("text_hidden_size", "text_vocab_size", "soft_tokens")
-        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in borrowed}
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in BORROWED}
         for name in ("sscp_conv_channel_size", "sscp_conv_kernel_size", "sscp_conv_stride_size"):
             d[name] = json.loads(json.dumps(d[name]))  # nested tuples -> lists
         return {"model_type": "gemma3n_audio", **d}
@@ -115,16 +117,15 @@ class AudioConfig:
         scope = "config.json: audio_config."
         if audio.get("model_type", "gemma3n_audio") != "gemma3n_audio":
             raise ConfigError(f"{scope}model_type: {audio['model_type']!r} is not supported (expected 'gemma3n_audio')")
-        fields = {name: audio[name] for name in cls.__dataclass_fields__ if audio.get(name) is not None}
+        fields = {name: audio[name] for name in cls.__dataclass_fields__
+                  if name not in BORROWED and audio.get(name) is not None}
         for name in ("sscp_conv_channel_size", "sscp_conv_kernel_size", "sscp_conv_stride_size"):
             if name in fields:
                 fields[name] = _pairs(scope, name, fields[name])
-        borrowed = {"text_hidden_size": ("config.json: text_config.", text, "hidden_size"),
-                    "text_vocab_size": ("config.json: text_config.", text, "vocab_size"),
-                    "soft_tokens": ("config.json: ", raw, "audio_soft_tokens_per_image")}
-        for name, (label, source, key) in borrowed.items():
+        for name, (section, key) in BORROWED.items():
+            source = text if section else raw
             if source.get(key) is not None:
-                fields[name] = _int(label, key, source[key])
+                fields[name] = _int("config.json: " + section, key, source[key])
         return _scoped(scope, lambda: cls(**fields))
 
 
@@ -169,7 +170,7 @@ def _validate(c: AudioConfig) -> None:
 def tiny_audio_config(text_hidden_size: int, text_vocab_size: int, vocab_size: int = 8) -> AudioConfig:
     """A small audio tower for tiny-random checkpoints: the real feature size (128 mel bins, so the
     runtime's standard features feed it), attention geometry (chunks of 12, 12 frames of left context),
-    conv kernels, strides and reduction, at 1/24 of the width and 3 of the 12 blocks (~0.2 M parameters).
+    conv kernels, strides and reduction, at 1/24 of the width and 3 of the 12 blocks (0.3 M parameters).
     The last `vocab_size` ids of the text vocabulary become the audio ids (`<end_of_audio>` is the first,
     the soft-token placeholder the second)."""
     return AudioConfig(hidden_size=64, conf_num_attention_heads=4, conf_num_hidden_layers=3,

@@ -13,7 +13,8 @@ audio is refused, not silently cut as transformers does: split it and send the p
 
 Files: WAV in PCM (8, 16, 24, 32 bit), IEEE float (32, 64 bit) or WAVE_FORMAT_EXTENSIBLE holding
 either, any rate and channel count. Other formats (FLAC, MP3, Ogg, compressed WAV) are refused with a
-message saying to convert them; see README.
+message saying how to convert them: decoding them needs a native codec library, which the runtime does
+not depend on.
 """
 
 from __future__ import annotations

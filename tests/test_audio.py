@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from audio_reference import CONFIGS, TEXT, hf_audio, hf_soft_tokens, save_multimodal_checkpoint
-from g3n_compile.audio import AudioConfig, load_audio_model, tiny_audio_config
+from g3n_compile.audio import AudioConfig, AudioModel, load_audio_model
 from g3n_compile.checkpoint import CheckpointError, load_text_model
 from g3n_compile.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -100,13 +100,31 @@ def test_text_and_audio_load_from_one_checkpoint(case):
 
 
 def test_tiny_random_audio_takes_30_seconds():
-    cfg = tiny_audio_config(text_hidden_size=128, text_vocab_size=528)
-    assert cfg.tokens(2997) == 188 == cfg.soft_tokens  # 30 s of features at 100 frames/s
-    assert cfg.vocab_offset == 520 and cfg.padding_id == 527
+    """The tiny-random tower at the real 30 s bucket: 2997 frames -> 188 tokens, a 12.3 s clip as transformers."""
+    cfg = CONFIGS["tiny-random"]
+    assert cfg.tokens(2997) == 188 == cfg.soft_tokens
+    encoder, embedder = hf_audio(cfg, seed=4)
+    model = AudioModel(cfg).eval()
+    model.audio_tower.load_state_dict(encoder.state_dict())
+    model.embed_audio.load_state_dict(embedder.state_dict())
+    features = clip(cfg, 1228, seed=0)
+    with torch.no_grad():
+        ref = hf_soft_tokens(cfg, encoder, embedder, features, torch.ones(1, 1228, dtype=torch.bool))
+        assert (model(*padded(cfg, features, 2997)) - ref).abs().max().item() <= TOL
+
+
+def test_real_configuration_has_the_hub_tensors():
+    """E2B/E4B audio config: our parameters are exactly transformers' (names and shapes), 681 M in the tower."""
+    from transformers import Gemma3nAudioConfig, Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder, Gemma3nMultimodalEmbedder
+
     with torch.device("meta"):
-        from g3n_compile.audio import AudioModel
-        params = sum(p.numel() for p in AudioModel(cfg).parameters())
-    assert params < 1_000_000
+        ours = AudioModel(AudioConfig())
+        theirs = {"audio_tower." + n: p.shape for n, p in Gemma3nAudioEncoder(Gemma3nAudioConfig()).named_parameters()}
+        theirs |= {"embed_audio." + n: p.shape for n, p in
+                   Gemma3nMultimodalEmbedder(Gemma3nAudioConfig(), Gemma3nTextConfig()).named_parameters()}
+    assert {n: p.shape for n, p in ours.named_parameters()} == theirs
+    assert sum(p.numel() for p in ours.audio_tower.parameters()) == 681_348_640
 
 
 # ---- bad checkpoints ------------------------------------------------------------------------------

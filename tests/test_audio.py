@@ -55,7 +55,7 @@ def test_encoder_matches_transformers_on_the_clip_alone(case):
         err = (out[:, :tokens] - ref).abs().max().item()
         assert err <= TOL, f"{name}, {n} frames: encoder differs by {err}"
         assert ref.abs().max().item() > 0.5
-        assert out[:, tokens:].abs().max().item() == 0.0 if tokens < out.shape[1] else True
+        assert (out[:, tokens:] == 0).all()  # outputs past the clip are zero, as transformers masks them
 
 
 def test_soft_tokens_match_transformers_merge(case):

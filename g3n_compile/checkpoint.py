@@ -127,6 +127,12 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
         info = ckpt.info(found[name])
         if info.shape != tuple(param.shape):
             wrong.append(f"{found[name]}: {list(info.shape)} in the file, {list(param.shape)} expected")
+    raise_problems(ckpt, missing, unexpected, wrong)
+    return iter(found.items())
+
+
+def raise_problems(ckpt: Checkpoint, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
+    """One CheckpointError listing every missing, unexpected and wrong-shaped tensor (if there are any)."""
     problems = []
     for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if items:
@@ -134,7 +140,6 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
             problems.append(f"{title} ({len(items)}): " + "; ".join(shown))
     if problems:
         raise CheckpointError(f"{ckpt.folder}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
-    return iter(found.items())
 
 
 def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -120,14 +120,19 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
         info = ckpt.files[ckpt.location[found[name]]].tensors[found[name]]
         if info.shape != tuple(param.shape):
             wrong.append(f"{found[name]}: {list(info.shape)} in the file, {list(param.shape)} expected")
+    raise_if_problems(ckpt.folder, missing, unexpected, wrong)
+    return iter(found.items())
+
+
+def raise_if_problems(folder: Path, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
+    """One CheckpointError listing every missing, unexpected and wrong-shaped tensor, if there are any."""
     problems = []
     for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if items:
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             problems.append(f"{title} ({len(items)}): " + "; ".join(shown))
     if problems:
-        raise CheckpointError(f"{ckpt.folder}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
-    return iter(found.items())
+        raise CheckpointError(f"{folder}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
 
 
 def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -3,9 +3,9 @@
 
 usage: python timm_encoder.py WORKDIR
     WORKDIR/weights.safetensors  timm parameter names (strict load: every name and shape must match)
-    WORKDIR/pixels.npy           float32 [B, 3, H, W]
+    WORKDIR/pixels-NAME.npy      float32 [B, 3, H, W], any number of them
     WORKDIR/arch.json            optional {stem_size, stages: [[block string]], msfa_output_resolution}
-writes WORKDIR/features.npy      float32 forward_features output [B, 2048, r, r]
+writes WORKDIR/features-NAME.npy float32 forward_features output [B, 2048, r, r] for each
 """
 
 import json
@@ -30,9 +30,10 @@ def main(workdir: Path) -> None:
                       msfa_output_resolution=arch["msfa_output_resolution"])
     model = timm.create_model("mobilenetv5_300m_enc", pretrained=False, **kwargs).eval()
     model.load_state_dict(load_file(workdir / "weights.safetensors"), strict=True)
-    with torch.no_grad():
-        out = model.forward_features(torch.from_numpy(np.load(workdir / "pixels.npy")))
-    np.save(workdir / "features.npy", out.numpy())
+    for path in sorted(workdir.glob("pixels-*.npy")):
+        with torch.no_grad():
+            out = model.forward_features(torch.from_numpy(np.load(path)))
+        np.save(workdir / path.name.replace("pixels-", "features-"), out.numpy())
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 timm imports torchvision, and the registry's torchvision wheels need the default (CUDA) build of torch,
 which cannot sit next to the CPU build in g3n's venv. A CUDA build runs on the CPU, so the reference gets
-a venv of its own: created on first use (a download of about 3 GB) under `$G3N_TIMM_VENV`, else
-`~/.cache/g3n/timm-ref-venv-<versions>`, and reused afterwards. The test writes the weights (safetensors
-with timm's names) and the pixels (.npy); `timm_encoder.py` builds timm's own `mobilenetv5_300m_enc` in
-that venv, loads the weights strictly and writes its `forward_features` output back.
+a venv of its own: created on first use (5.5 GB installed, CUDA libraries included) under
+`$G3N_TIMM_VENV`, else `~/.cache/g3n/timm-ref-venv-<versions>`, and reused afterwards. The test writes
+the weights (safetensors with timm's names) and the pixels (.npy); `timm_encoder.py` builds timm's own
+`mobilenetv5_300m_enc` in that venv, loads the weights strictly and writes its `forward_features` back.
 """
 
 from __future__ import annotations
@@ -46,21 +46,22 @@ def ensure_venv(log=print) -> Path:
     return folder / "bin" / "python"
 
 
-def timm_forward(weights: dict[str, torch.Tensor], pixels: np.ndarray, workdir: Path,
-                 arch: dict | None = None) -> np.ndarray:
+def timm_forward(weights: dict[str, torch.Tensor], pixels: dict[str, np.ndarray], workdir: Path,
+                 arch: dict | None = None) -> dict[str, np.ndarray]:
     """timm's `mobilenetv5_300m_enc` (or, with `arch` = {stem_size, stages, msfa_output_resolution}, the
-    same model built from those block strings) on `weights` (timm names), `forward_features(pixels)`."""
+    same model built from those block strings) with `weights` (timm names): `forward_features` of each
+    named pixel batch."""
     python = ensure_venv()
     workdir.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().float().contiguous() for n, t in weights.items()}
     write_safetensors(workdir / "weights.safetensors", {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()},
                       lambda n: tensors[n])
-    np.save(workdir / "pixels.npy", pixels.astype(np.float32))
-    cmd = [str(python), str(SCRIPT), str(workdir)]
+    for name, batch in pixels.items():
+        np.save(workdir / f"pixels-{name}.npy", batch.astype(np.float32))
     if arch is not None:
         (workdir / "arch.json").write_text(json.dumps(arch))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}  # nothing of g3n's venv
+    done = subprocess.run([str(python), str(SCRIPT), str(workdir)], capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"timm reference failed:\n{done.stderr[-4000:]}")
-    return np.load(workdir / "features.npy")
+    return {name: np.load(workdir / f"features-{name}.npy") for name in pixels}

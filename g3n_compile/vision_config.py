@@ -14,7 +14,8 @@ Blocks are written in timm's MobileNet notation, `<kind>_<key><value>_...`:
          (0: none), s, e, c
     mqa  mobile multi-query attention: h heads, d key/value width, v key/value stride (a depthwise
          k x k down-convolution when 2), c
-Only a stage's first block strides, and it must (the fusion adapter reads the last two stage outputs).
+An optional `r<n>` repeats a block n times. Only a stage's first block strides, and it must (the fusion
+adapter reads the last two stage outputs).
 
 The embedder fields come from `vision_config` (`vocab_size`, `vocab_offset`, `rms_norm_eps`) and the top
 level (`vision_soft_tokens_per_image`); its output width is the text model's `hidden_size`.
@@ -83,7 +84,7 @@ _REQUIRED = {"er": {"k", "c"}, "uir": {"k", "c"}, "mqa": {"h", "d", "c"}}
 
 def parse_block(spec: str, where: str) -> tuple[Block, int]:
     """One block string -> (block, repeat count `r`, default 1)."""
-    kind, *ops = spec.split("_") if isinstance(spec, str) else ("", )
+    kind, *ops = spec.split("_") if isinstance(spec, str) else ("",)
     if kind not in _KEYS:
         raise ConfigError(f"{where}: {spec!r} is not a block (expected 'er_...', 'uir_...' or 'mqa_...')")
     values = {}
@@ -92,7 +93,10 @@ def parse_block(spec: str, where: str) -> tuple[Block, int]:
         if not m or m.group(1) not in _KEYS[kind] | {"r"}:
             raise ConfigError(f"{where}: {spec!r}: {op!r} is not a {kind} option "
                               f"(expected {', '.join(sorted(_KEYS[kind]))})")
-        values[m.group(1)] = float(m.group(2)) if m.group(1) == "e" else int(float(m.group(2)))
+        key, value = m.groups()
+        if key != "e" and "." in value:
+            raise ConfigError(f"{where}: {spec!r}: {op!r}: {key} must be a whole number")
+        values[key] = float(value) if key == "e" else int(value)
     missing = _REQUIRED[kind] - values.keys()
     if missing:
         raise ConfigError(f"{where}: {spec!r} lacks {', '.join(sorted(missing))}")

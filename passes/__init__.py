@@ -5,8 +5,9 @@ them in their default order, `pipeline.run_passes` applies them."""
 
 from .altup_fusion import AltUpFusion
 from .int4_pack import Int4Pack
+from .laurel_fusion import LaurelFusion
 from .pipeline import Pass, PassContext, PassError, run_passes
 
-PASSES: list[type[Pass]] = [AltUpFusion, Int4Pack]
+PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, Int4Pack]
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "run_passes"]

@@ -1,8 +1,8 @@
 """int4 weight packing: linear weights as group-wise symmetric int4, dequantised inside the matmul.
 
 Matches `torch.aten.mm(x [M, K], torch.aten.permute(W, [1, 0]))` where W is an external parameter
-named like a quantisable linear (attention q/k/v/o, MLP gate/up/down, LAuReL, AltUp and per-layer
-projections; see QUANTIZED) and K is a multiple of the group size G.
+named like a quantisable linear (attention q/k/v/o, MLP gate/up/down, LAuReL (fused or not), AltUp and
+per-layer projections; see QUANTIZED) and K is a multiple of the group size G.
 
 Leaves `func.call @g3n_int4_mm_...(x, codes, scales)`, a private function in "form E" (toolchain
 notes §3): `iree_tensor_ext.bitcast` of the i8 codes [N, K/2] to i4 [N, K], a dequant
@@ -28,7 +28,7 @@ from .ir import constant_ints, loaded_parameter, ops, parameters, producer, tens
 from .pipeline import Pass, PassContext
 
 QUANTIZED = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|laurel\.linear_(left|right)"
-                       r"|per_layer_input_gate|per_layer_projection)|altup_(unembed_)?projections\.\d+"
+                       r"|per_layer_input_gate|per_layer_projection|attn_laurel_in)|altup_(unembed_)?projections\.\d+"
                        r"|per_layer_model_projection)\.weight")
 
 
@@ -119,7 +119,7 @@ class Int4Pack(Pass):
     """Linear weights as group-wise int4 with f16 scales; dequant fused into the matmul (form E)."""
 
     name = "int4-pack"
-    after = ("altup-fusion",)
+    after = ("altup-fusion", "laurel-fusion")
 
     @classmethod
     def applies(cls, ctx: PassContext) -> bool:

@@ -56,10 +56,12 @@ def ordered(passes: list[type[Pass]]) -> list[type[Pass]]:
     index = {p.name: i for i, p in enumerate(passes)}
     graph.add_nodes_from(index)
     for p in passes:
-        for before in p.after + p.requires:
+        for before in p.requires:
             if before not in index:
-                raise PassError(f"pass {p.name} is declared after unknown pass {before}")
-            graph.add_edge(before, p.name)
+                raise PassError(f"pass {p.name} requires unknown pass {before}")
+        for before in p.after + p.requires:
+            if before in index:  # `after` only orders passes that are both present
+                graph.add_edge(before, p.name)
     if not nx.is_directed_acyclic_graph(graph):
         raise PassError(f"pass order has a cycle: {nx.find_cycle(graph)}")
     by_name = {p.name: p for p in passes}

@@ -51,6 +51,59 @@ module {
 """
 
 
+def _laurel_ir() -> str:
+    """Layer 0: q/k/v/LAuReL-left each view the one normed input [1,2,64] (like torch.export writes them);
+    layer 1's o_proj reads something else and must stay alone."""
+    widths = {"self_attn.q_proj": 32, "self_attn.k_proj": 16, "self_attn.v_proj": 16, "laurel.linear_left": 8,
+              "self_attn.o_proj": 64}
+    lines = []
+    for role, n in widths.items():
+        sym = role.replace(".", "_")
+        lines.append(f'  util.global private @{sym} <inlining_policy = #util.inline.never> = '
+                     f'#stream.parameter.named<"model"::"layers.0.{role}.weight"> : tensor<{n}x64xf32>')
+    body = ["    %i1 = torch.constant.int 1", "    %i0 = torch.constant.int 0", "    %i2 = torch.constant.int 2",
+            "    %i64 = torch.constant.int 64",
+            "    %perm = torch.prim.ListConstruct %i1, %i0 : (!torch.int, !torch.int) -> !torch.list<int>",
+            "    %flat = torch.prim.ListConstruct %i2, %i64 : (!torch.int, !torch.int) -> !torch.list<int>"]
+    results = []
+    for role, n in widths.items():
+        sym = role.replace(".", "_")
+        source = "%y" if role == "self_attn.o_proj" else "%x"
+        body += [f"    %l_{sym} = util.global.load @{sym} : tensor<{n}x64xf32>",
+                 f"    %w_{sym} = torch_c.from_builtin_tensor %l_{sym} : tensor<{n}x64xf32> -> !torch.vtensor<[{n},64],f32>",
+                 f"    %t_{sym} = torch.aten.permute %w_{sym}, %perm : !torch.vtensor<[{n},64],f32>, !torch.list<int> -> !torch.vtensor<[64,{n}],f32>",
+                 f"    %v_{sym} = torch.aten.view {source}, %flat : !torch.vtensor<[1,2,64],f32>, !torch.list<int> -> !torch.vtensor<[2,64],f32>",
+                 f"    %r_{sym} = torch.aten.mm %v_{sym}, %t_{sym} : !torch.vtensor<[2,64],f32>, !torch.vtensor<[64,{n}],f32> -> !torch.vtensor<[2,{n}],f32>"]
+        results.append((f"%r_{sym}", f"!torch.vtensor<[2,{n}],f32>"))
+    types = ", ".join(t for _, t in results)
+    body.append(f"    return {', '.join(r for r, _ in results)} : {types}")
+    return ("module {\n" + "\n".join(lines) + "\n  func.func @main(%x: !torch.vtensor<[1,2,64],f32>, "
+            f"%y: !torch.vtensor<[1,2,64],f32>) -> ({types}) {{\n" + "\n".join(body) + "\n  }\n}\n")
+
+
+def test_laurel_fusion_concatenates_the_layer_input_projections(tmp_path):
+    from passes.laurel_fusion import LaurelFusion
+
+    ir_text = _laurel_ir()
+    ctx = PassContext(CONFIG, cpu)
+    after, report = run_passes(ir_text, ctx, [LaurelFusion])
+    assert report[0]["stats"] == {"matched": 4, "fused_matmuls": 1, "parameters_dropped": 4}
+    assert count(after, "torch.aten.mm") == 2 and count(after, "torch.aten.slice.Tensor") == 4
+    assert "layers.0.attn_laurel_in.weight" in after and "layers.0.self_attn.o_proj.weight" in after
+
+    g = torch.Generator().manual_seed(3)
+    names = re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', ir_text)
+    weights = {n: torch.randn(int(re.search(rf'"{re.escape(n)}"> : tensor<(\d+)x', ir_text).group(1)), 64, generator=g)
+               for n in names}
+    x, y = torch.randn(1, 2, 64, generator=g).numpy(), torch.randn(1, 2, 64, generator=g).numpy()
+    before = run_compiled(ir_text, tmp_path, [x, y], weights)
+    source = ctx.derived.getter(weights.__getitem__)
+    fused = run_compiled(after, tmp_path, [x, y],
+                         {n: source(n) for n in re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', after)})
+    for b, f in zip(before, fused):
+        np.testing.assert_allclose(f, b, rtol=1e-5, atol=1e-5)
+
+
 def count(text: str, op: str) -> int:
     return len(re.findall(rf"\b{re.escape(op)}\b", text))
 
@@ -127,7 +180,7 @@ def test_pipeline_order_and_errors(tmp_path):
         """Runs after int4."""
         name, after = "late", ("int4-pack",)
 
-    assert [p.name for p in ordered([Late, *PASSES])] == ["altup-fusion", "int4-pack", "late"]
+    assert [p.name for p in ordered([Late, *PASSES])] == ["altup-fusion", "laurel-fusion", "int4-pack", "late"]
     ctx = PassContext(CONFIG, cpu)
     with pytest.raises(PassError, match="unknown pass 'nope'"):
         run_passes(ALTUP_IR, ctx, PASSES, disabled=["nope"])
@@ -140,12 +193,14 @@ def test_pipeline_order_and_errors(tmp_path):
         run_passes(ALTUP_IR, ctx, [AltUpFusion, Needy], disabled=["altup-fusion"])
     after, report = run_passes(ALTUP_IR, ctx, PASSES, disabled=["altup-fusion"], dump_after=["all"], dump_dir=tmp_path)
     assert count(after, "torch.aten.bmm") == 1 and not report[0]["enabled"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-altup-fusion.mlir", "01-int4-pack.mlir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00-altup-fusion.mlir", "01-laurel-fusion.mlir",
+                                                          "02-int4-pack.mlir"]
 
 
 def test_int4_model_end_to_end(tmp_path):
-    """tiny-random in int4: the compiled module computes the model with dequantised weights (so the
-    kernel is exact), linear weights cost <= 0.6 bytes each, and the manifest records it all."""
+    """tiny-random in int4 (after LAuReL fusion): the compiled module computes the model with
+    dequantised weights (so the kernel is exact), linear weights cost <= 0.6 bytes each, and the
+    manifest records it all. Quantising the fused q/k/v/LAuReL weight row-wise equals quantising each."""
     from g3n_compile.model import load_model
     from g3n_compile.pipeline import compile_model
     from passes.int4_pack import QUANTIZED
@@ -156,13 +211,15 @@ def test_int4_model_end_to_end(tmp_path):
     compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, quant="int4", log=lambda *_: None)
     manifest = json.loads((out / "g3n.json").read_text())
     assert manifest["quantization"]["weights"] == "int4"
-    assert {p["name"]: p["stats"]["rewritten"] for p in manifest["passes"]}["int4-pack"] > 0
+    assert next(p for p in manifest["passes"] if p["name"] == "int4-pack")["stats"]["rewritten"] > 0
 
     model = load_model("tiny-random")
     quantized = {n: p for n, p in model.named_parameters() if QUANTIZED.fullmatch(n) and p.shape[1] % 32 == 0}
     entries = ArchiveReader(out / "model.irpa").entries
-    packed_bytes = sum(entries[f"{n}.int4"][1] + entries[f"{n}.int4_scale"][1] for n in quantized)
-    assert packed_bytes <= 0.6 * sum(p.numel() for p in quantized.values())
+    codes = sum(length for name, (_, length) in entries.items() if name.endswith(".int4"))
+    scales = sum(length for name, (_, length) in entries.items() if name.endswith(".int4_scale"))
+    assert 2 * codes == sum(p.numel() for p in quantized.values())  # every quantisable weight, once
+    assert (codes + scales) / (2 * codes) <= 0.6  # bytes per weight
     assert not set(quantized) & set(entries)
 
     ids = torch.randint(0, CONFIG.vocab_size, (21,), generator=torch.Generator().manual_seed(2)).tolist()

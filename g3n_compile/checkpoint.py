@@ -85,6 +85,13 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         return self.files[self.location[name]].tensor(name)
 
+    def info(self, name: str):
+        return self.files[self.location[name]].tensors[name]
+
+    def text_dtype(self) -> torch.dtype:
+        """The dtype the text weights are stored in (that of the token embedding)."""
+        return self.info(self.text_prefix() + "embed_tokens.weight").dtype
+
 
 def _shared_kv_names(cfg: TextConfig) -> set[str]:
     return {f"layers.{i}.self_attn.{w}.weight" for i in range(cfg.num_hidden_layers) if cfg.kv_source(i) != i
@@ -103,7 +110,7 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
         if stored.startswith(OTHER_PREFIXES):
             continue
         if stored == "lm_head.weight":  # tied to the embedding
-            info = ckpt.files[ckpt.location[stored]].tensors[stored]
+            info = ckpt.info(stored)
             want = tuple(expected["embed_tokens.weight"].shape)
             if info.shape != want:
                 wrong.append(f"{stored}: {list(info.shape)} in the file, {list(want)} expected")
@@ -117,9 +124,15 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
         if name not in found:
             missing.append(prefix + name)
             continue
-        info = ckpt.files[ckpt.location[found[name]]].tensors[found[name]]
+        info = ckpt.info(found[name])
         if info.shape != tuple(param.shape):
             wrong.append(f"{found[name]}: {list(info.shape)} in the file, {list(param.shape)} expected")
+    raise_problems(ckpt, missing, unexpected, wrong)
+    return iter(found.items())
+
+
+def raise_problems(ckpt: Checkpoint, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
+    """One CheckpointError listing every missing, unexpected and wrong-shaped tensor (if there are any)."""
     problems = []
     for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)):
         if items:
@@ -127,7 +140,6 @@ def text_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str,
             problems.append(f"{title} ({len(items)}): " + "; ".join(shown))
     if problems:
         raise CheckpointError(f"{ckpt.folder}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
-    return iter(found.items())
 
 
 def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -148,3 +160,18 @@ def load_text_model(folder: str | Path, dtype: torch.dtype = torch.float32):
         t = ckpt.tensor(stored)
         assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
     return model.eval()
+
+
+def text_model_for_export(ckpt: Checkpoint, dtype: torch.dtype):
+    """The decoder with the checkpoint's shapes in `dtype`, its weights uninitialised, and a map from
+    parameter name to checkpoint tensor name (validated). torch.export reads only shapes and dtypes;
+    the weights go from the checkpoint to the archive later, one tensor at a time. `torch.empty`
+    storage that is never written costs no RAM, so exporting E4B in float32 stays under 1 GB."""
+    from .model import Gemma3nTextModel
+
+    with torch.device("meta"):
+        model = Gemma3nTextModel(ckpt.config)
+    names = dict(text_tensor_names(ckpt, model))
+    for name, param in list(model.named_parameters()):
+        assign_parameter(model, name, torch.empty(param.shape, dtype=dtype))
+    return model.eval(), names

@@ -27,9 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", type=Path, help="output folder (default: out/<model name>)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens the KV cache holds (default: 2048)")
     p.add_argument("--chunk", type=int, default=128, help="prefill chunk: tokens per prefill call (default: 128)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weight dtype in model.irpa (default: auto = as stored in the checkpoint)")
+    p.add_argument("--quant", choices=("auto", "none", "int4"), default="auto",
+                   help="linear-weight quantization (default: auto = int4 for checkpoints, none for tiny-random)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size along the input dimension (default: 32)")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="skip a compiler pass (repeatable; see --list-passes)")
+    p.add_argument("--dump-ir-after", nargs=2, metavar=("NAME|all", "DIR"),
+                   help="write the module's IR after pass NAME (or after every pass) into DIR "
+                        "(DIR/<target> when compiling for several targets)")
+    p.add_argument("--list-passes", action="store_true", help="list the compiler passes in order and exit")
     args = p.parse_args(argv)
     if args.list_targets:
         print(list_targets())
+        return 0
+    if args.list_passes:
+        from passes import PASSES
+        from passes.pipeline import ordered
+
+        for cls in ordered(PASSES):
+            deps = f" (after {', '.join(cls.after)})" if cls.after else ""
+            print(f"{cls.name:16s} {cls.summary()}{deps}")
         return 0
 
     from .checkpoint import CheckpointError
@@ -40,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     archs = {name: getattr(args, f"arch_{name}") for name in TARGETS if getattr(args, f"arch_{name}") is not None}
     try:
         compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk, archs=archs,
+                      dtype=args.dtype, group_size=args.group_size, disabled_passes=args.disable_pass,
+                      quant=("none" if args.model == "tiny-random" else "int4") if args.quant == "auto" else args.quant,
+                      dump_ir_after=[args.dump_ir_after[0]] if args.dump_ir_after else [],
+                      dump_dir=Path(args.dump_ir_after[1]) if args.dump_ir_after else None,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (CheckpointError, ConfigError, CompileError) as e:
         print(f"g3n-compile: error: {e}", file=sys.stderr)

@@ -401,7 +401,7 @@ class Gemma3nTextModel(nn.Module):
             if caches is not None and source == i:
                 slot = 2 * c.kv_layers.index(i)
                 cache = (caches[slot], caches[slot + 1])
-            streams, kv, cache = layer(streams, per_layer[:, :, i, :], rope["sliding" if c.is_sliding(i) else "full"],
+            streams, kv, cache = layer(streams, per_layer[i], rope["sliding" if c.is_sliding(i) else "full"],
                                        chunk, cache, produced.get(source))
             produced[i] = kv
             if cache is not None:
@@ -421,7 +421,10 @@ class Gemma3nTextModel(nn.Module):
         return logits, new_caches
 
     def _per_layer_inputs(self, embeds: Tensor, rows: Tensor) -> Tensor:
-        """(RMS(projection of the embedding) + scaled PLE rows) / sqrt(2), as [B, T, L, P]."""
+        """(RMS(projection of the embedding) + scaled PLE rows) / sqrt(2), as [L, B, T, P].
+
+        Layer-major, so each layer reads one contiguous slice: a strided [B, T, P] slice fused into the
+        per-layer gate's matmul makes IREE's CPU codegen fail at E2B shapes (vectors over its limit)."""
         c = self.config
         b, t, _ = embeds.shape
         shape = (b, t, c.num_hidden_layers, c.hidden_size_per_layer_input)
@@ -429,7 +432,7 @@ class Gemma3nTextModel(nn.Module):
         context = self.per_layer_model_projection(embeds) * _as_dtype(c.hidden_size**-0.5, wdt)
         context = self.per_layer_projection_norm(context.view(shape))
         tokens = rows.float().view(shape) * _as_dtype(c.hidden_size_per_layer_input**0.5, rows.dtype)
-        return (context + tokens) * _as_dtype(2.0**-0.5, wdt)
+        return ((context + tokens) * _as_dtype(2.0**-0.5, wdt)).permute(2, 0, 1, 3)
 
 
 def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32) -> Gemma3nTextModel:

@@ -1,8 +1,9 @@
-"""checkpoint -> model -> export -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
+"""checkpoint -> model -> export -> passes -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
 tokenizer, `g3n.json`).
 
-One export serves every target asked for. Compiling more targets into a folder that already holds this
-checkpoint at the same settings keeps its `model.irpa` (and its archive id) and its other targets' modules.
+One export serves every target asked for; the passes run for each target. Compiling more targets into a
+folder that already holds this checkpoint at the same settings keeps its `model.irpa` (and its archive
+id) and its other targets' modules, as long as the archive holds every parameter the new modules load.
 """
 
 from __future__ import annotations
@@ -18,25 +19,30 @@ import torch
 
 from . import __version__
 from .archive import ARCHIVE_ID, write_archive
-from .checkpoint import CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, text_model_for_export
 from .export import PARAM_SCOPE, export_text_model
-from .model import load_model
 from .presets import resolve_checkpoint
+from passes import PASSES, PassContext, PassError, run_passes
+from passes.ir import parameters
 # The output folder's format is defined once, by the runtime that reads it.
 from runtime.archive import ArchiveReader
 from runtime.module import MANIFEST, sha256_file
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
 # What every module in one folder shares with its model.irpa: a folder whose manifest matches on all of
-# these (and whose archive is intact) gets new targets without rewriting the archive.
+# these (and whose archive is intact and complete) gets new targets without rewriting the archive.
 SHARED_BUILD = ("format", "g3n_version", "source", "source_fingerprint", "config", "max_context", "prefill_chunk",
-                "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache")
+                "weight_dtype", "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache")
 
 
 class CompileError(RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
+
+
+QUANTIZATIONS = ("none", "int4")
 
 
 def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = None) -> list[tuple[str, str]]:
@@ -64,16 +70,29 @@ def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = Non
 
 
 def compile_model(model: str, targets: str | list[str], out: Path, max_context: int = 2048, chunk: int = 128,
-                  archs: dict[str, str] | None = None, log=print) -> dict:
-    """Compile `model` for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into the folder `out`; `archs` maps a
-    target to its architecture (default: each target's DEFAULT_ARCH). Returns the manifest written."""
+                  archs: dict[str, str] | None = None, dtype: str = "auto", quant: str = "none", group_size: int = 32,
+                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, log=print) -> dict:
+    """Compile checkpoint `model` (folder or preset name) for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into
+    folder `out`; `archs` maps a target to its architecture (default: each target's DEFAULT_ARCH). Weights
+    are stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
+    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/). Returns the manifest."""
     from targets import TARGETS
 
     plan = resolve_targets(targets, archs)
+    if quant not in QUANTIZATIONS:
+        raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
+    if group_size < 2 or group_size % 2:
+        raise CompileError(f"--group-size {group_size} must be an even number >= 2")
     folder = resolve_checkpoint(model)
     t_start = time.perf_counter()
-    log(f"g3n-compile: loading {folder}")
-    text = load_model(folder, dtype=torch.float32)
+    log(f"g3n-compile: reading {folder}")
+    ckpt = Checkpoint(folder)
+    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
+        raise CompileError(f"unknown weight dtype {dtype!r} (available: auto, {', '.join(WEIGHT_DTYPES)})")
+    weight_dtype = ckpt.text_dtype() if dtype == "auto" else WEIGHT_DTYPES[dtype]
+    if weight_dtype not in WEIGHT_DTYPES.values():
+        raise CompileError(f"{folder}: weights stored as {weight_dtype}; choose --dtype float32 or bfloat16")
+    text, stored_names = text_model_for_export(ckpt, weight_dtype)
     cfg = text.config
     if not 1 <= chunk <= max_context:
         raise CompileError(f"--chunk {chunk} must be between 1 and --max-context ({max_context})")
@@ -88,11 +107,29 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     exported = export_text_model(text, chunk, max_context, log=log)
     t_export = time.perf_counter() - t0
 
-    # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
-    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context)))
-    previous = _previous_build(out)
     t0 = time.perf_counter()
-    if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD):
+    modules = {}  # target name -> (MLIR after its passes, their report, their context)
+    for name, _ in plan:
+        log(f"g3n-compile: running passes for {name}")
+        ctx = PassContext(cfg, TARGETS[name], quant=quant, group_size=group_size)
+        try:
+            own_dump_dir = dump_dir / name if dump_dir is not None and len(plan) > 1 else dump_dir
+            modules[name] = (*run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,
+                                         dump_after=dump_ir_after, dump_dir=own_dump_dir, log=log), ctx)
+        except PassError as e:
+            raise CompileError(str(e)) from None
+    from iree.compiler import ir
+    with ir.Context():
+        archived = sorted({name for mlir, _, _ in modules.values()
+                           for name, _ in parameters(ir.Module.parse(mlir)).values()} | {PLE_TABLE})
+    t_passes = time.perf_counter() - t0
+
+    # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
+    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context, quant, group_size)))
+    previous, previous_entries = _previous_build(out)
+    t0 = time.perf_counter()
+    if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD) \
+            and set(archived) <= previous_entries:
         log(f"g3n-compile: {out} already holds this build: keeping its model.irpa and its "
             f"{', '.join(previous['targets']) or 'no'} modules")
         manifest["parameters"], manifest["targets"] = previous["parameters"], previous["targets"]
@@ -100,12 +137,14 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     else:
         if previous is not None:
             _remove_modules(out, previous, log)
-        log(f"g3n-compile: writing {out / 'model.irpa'}")
-        params = dict(text.named_parameters())
-        names = exported.parameters + [PLE_TABLE]
-        archive_id = write_archive(out / "model.irpa", names, lambda n: params[n], log=log)
+        log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights"
+            f"{', int4 linears' if quant == 'int4' else ''})")
+        source = lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype)
+        for _, _, ctx in modules.values():  # each target's passes may derive tensors (int4 codes, fused weights)
+            source = ctx.derived.getter(source)
+        archive_id = write_archive(out / "model.irpa", archived, source, log=log)
         manifest["parameters"] = {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
-                                  "archive_id_entry": ARCHIVE_ID, "count": len(names)}
+                                  "archive_id_entry": ARCHIVE_ID, "count": len(archived)}
         t_archive = round(time.perf_counter() - t0, 2)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
@@ -113,15 +152,16 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
 
     for name, arch in plan:
         target = TARGETS[name]
+        mlir, pass_report, _ = modules[name]
         vmfb = out / f"{name}.vmfb"
-        flags = target.compile_flags(arch)
+        flags = target.compile_flags(arch, quant=quant)
         log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
         t0 = time.perf_counter()
-        _iree_compile(exported.mlir, vmfb, flags)
+        _iree_compile(mlir, vmfb, flags)
         manifest["targets"][name] = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
                                      "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
-                                     "compile_s": round(time.perf_counter() - t0, 2)}
-        manifest["timings_s"] = {"export": round(t_export, 2), "archive": t_archive,
+                                     "compile_s": round(time.perf_counter() - t0, 2), "passes": pass_report}
+        manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
                                  "total": round(time.perf_counter() - t_start, 2)}
         _write_json(out / MANIFEST, manifest)  # after each module: the folder is usable at every step
         log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in "
@@ -131,15 +171,17 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     return manifest
 
 
-def _previous_build(out: Path) -> dict | None:
-    """The manifest already in `out` if its parameter archive is there and is the one it names."""
+def _previous_build(out: Path) -> tuple[dict | None, set[str]]:
+    """The manifest already in `out` and its archive's entry names, if that archive is there and is the
+    one the manifest names."""
     try:
         previous = json.loads((out / MANIFEST).read_text())
         params = previous["parameters"]
-        stored = ArchiveReader(out / params["file"]).bytes(params["archive_id_entry"]).decode()
+        archive = ArchiveReader(out / params["file"])
+        stored = archive.bytes(params["archive_id_entry"]).decode()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
-        return None
-    return previous if stored == params["archive_id"] else None
+        return None, set()
+    return (previous, set(archive.entries)) if stored == params["archive_id"] else (None, set())
 
 
 def _remove_modules(out: Path, previous: dict, log) -> None:
@@ -164,6 +206,10 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
     import iree.compiler as ic
 
@@ -178,7 +224,7 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
     src.unlink()
 
 
-def _manifest(text, exported, folder: Path, max_context: int) -> dict:
+def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_size: int) -> dict:
     """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
     cfg = text.config
     rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
@@ -200,7 +246,10 @@ def _manifest(text, exported, folder: Path, max_context: int) -> dict:
         "config": cfg.to_hf_dict(),
         "max_context": max_context,
         "prefill_chunk": c,
-        "quantization": "none",
+        "weight_dtype": _dtype_name(text.embed_tokens.weight.dtype),
+        "quantization": ({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
+                          "layout": "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"}
+                         if quant == "int4" else "none"),
         "activation_dtype": "float32",
         "functions": {
             "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
@@ -212,9 +261,9 @@ def _manifest(text, exported, folder: Path, max_context: int) -> dict:
                        "results": [arg("logits", "float32", (1, 1, v))],
                        "doc": "one token at position start"},
         },
-        "per_layer_rows": {"parameter": PLE_TABLE, "dtype": "float32",
+        "per_layer_rows": {"parameter": PLE_TABLE, "dtype": _dtype_name(text.embed_tokens_per_layer.weight.dtype),
                            "shape": [cfg.vocab_size_per_layer_input, rows],
-                           "rule": "row = id if 0 <= id < shape[0] else 0; gathered on the host"},
+                           "rule": "row = id if 0 <= id < shape[0] else 0; gathered on the host, passed as float32"},
         "kv_cache": {
             "storage": "module globals kv_cache_0.. (k, v per KV-owning layer), updated in place",
             "layers": [{"layer": layer, "kind": cfg.layer_types[layer],

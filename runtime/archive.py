@@ -24,5 +24,17 @@ class ArchiveReader:
             f.seek(offset)
             return f.read(length)
 
-    def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.entries[name][0], shape=shape)
+    def array(self, name: str, dtype: str, shape: tuple[int, ...]) -> np.memmap:
+        """Entry `name` as a read-only memory map; bfloat16 (which numpy lacks) maps as its uint16 bits."""
+        return np.memmap(self.path, dtype=_STORAGE.get(dtype, dtype), mode="r", offset=self.entries[name][0],
+                         shape=shape)
+
+
+_STORAGE = {"bfloat16": np.uint16}
+
+
+def to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Values read with `ArchiveReader.array(..., dtype)` as float32 (bfloat16 is the top half of a float32)."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)

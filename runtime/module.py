@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import ArchiveReader
+from .archive import ArchiveReader, to_float32
 from .device import PRELOAD_PARAMETERS, Device, DeviceError, Readback
 
 MANIFEST = "g3n.json"
@@ -75,7 +75,8 @@ class CompiledModel:
             raise ModelError(f"{irpa}: this parameter archive does not belong to {vmfb.name} "
                              f"(archive id {stored or 'missing'}, module expects {m['parameters']['archive_id']})")
         ple = m["per_layer_rows"]
-        self.per_layer_table = self.archive.array(ple["parameter"], np.float32, tuple(ple["shape"]))
+        self.per_layer_dtype = ple["dtype"]
+        self.per_layer_table = self.archive.array(ple["parameter"], ple["dtype"], tuple(ple["shape"]))
         self.chunk = m["prefill_chunk"]
         self.max_context = m["max_context"]
         self.vocab_size = m["config"]["vocab_size"]
@@ -111,7 +112,8 @@ class CompiledModel:
         """Host-side gather from the memory-mapped PLE table; ids outside it read row 0."""
         rows = self.per_layer_table
         safe = np.where((ids >= 0) & (ids < rows.shape[0]), ids, 0)
-        return np.ascontiguousarray(rows[safe.reshape(-1)]).reshape(*ids.shape, rows.shape[1])
+        picked = to_float32(rows[safe.reshape(-1)], self.per_layer_dtype)
+        return np.ascontiguousarray(picked).reshape(*ids.shape, rows.shape[1])
 
     def prefill(self, ids: list[int], start: int) -> np.ndarray:
         """Run `ids` (any count) at positions start..; returns the logits [vocab] of the last one."""

@@ -13,14 +13,20 @@ SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all
 
 
 def accepts(arch: str) -> bool:
+    """Any LLVM CPU name (letters, digits, - and _); iree-compile rejects unknown ones with the list."""
     return bool(arch) and arch.replace("-", "").replace("_", "").isalnum()
 
 
-def compile_flags(arch: str = DEFAULT_ARCH) -> list[str]:
-    return [
+def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:
+    flags = [
         "--iree-hal-target-device=local",
         "--iree-hal-local-target-device-backends=llvm-cpu",
         f"--iree-llvmcpu-target-cpu={arch}",  # "host": the features of the CPU compiling it
-        # Pack weights once (in an initializer) for data-tiled matmuls: iree-cpu-microbench.md.
-        "--iree-opt-data-tiling",
     ]
+    if quant == "int4":
+        # IREE 3.13 cannot data-tile the grouped int4 contraction (vectors over its limit); these two
+        # flags are what makes its int4 matvec fastest (iree-cpu-microbench.md).
+        return flags + ["--iree-dispatch-creation-block-matmul-producer-fusion=false",
+                        "--iree-llvmcpu-reassociate-fp-reductions=true"]
+    # Pack weights once (in an initializer) for data-tiled matmuls: iree-cpu-microbench.md.
+    return flags + ["--iree-opt-data-tiling"]

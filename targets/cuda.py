@@ -19,7 +19,8 @@ def accepts(arch: str) -> bool:
     return arch in ARCHS
 
 
-def compile_flags(arch: str = DEFAULT_ARCH) -> list[str]:
+def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:
+    """The same flags with or without int4 weights."""
     if arch == "sm_90":
         return [_hopper()]
     return ["--iree-hal-target-device=cuda", f"--iree-cuda-target={arch}"]

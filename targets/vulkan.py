@@ -17,15 +17,17 @@ DESCRIPTION = "IREE vulkan-spirv: GPUs through Vulkan; llvmpipe (Mesa's CPU devi
 ARCH_OPTION = "--vulkan-target"
 DEFAULT_ARCH = "llvmpipe"
 ARCHS = ("llvmpipe", "rdna3", "rdna2", "valhall", "ampere", "turing", "adreno")
-# int4 form E does not compile for M > 1 on SPIR-V (`vector.bitcast` i8 -> i4 illegal): decode only.
-SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="matvec", attention="decomposed (matmul + softmax)")
+# g3n's int4 kernel (form E) compiles for prefill as well as decode here, for llvmpipe and IREE's GPU
+# names alike, and matches the CPU module on llvmpipe.
+SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)")
 
 
 def accepts(arch: str) -> bool:
     return arch in ARCHS
 
 
-def compile_flags(arch: str = DEFAULT_ARCH) -> list[str]:
+def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:
+    """The same flags with or without int4 weights."""
     if arch == "llvmpipe":
         return [_llvmpipe()]
     return ["--iree-hal-target-device=vulkan", f"--iree-vulkan-target={arch}"]

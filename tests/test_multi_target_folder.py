@@ -1,5 +1,8 @@
 """One folder, one export, three targets: Vulkan (run here on llvmpipe) against the CPU module, CUDA compiled
-for sm_90 and sm_80 (no GPU here: compile only), the parameter archive shared and kept, device errors."""
+for sm_90 and sm_80 (no GPU here: compile only), the parameter archive shared and kept, device errors.
+
+The folder holds int4 linears (the default for checkpoints; int4 codes are the u8 data IREE's default
+Vulkan target misreads); the f32 folder runs in the slow tier."""
 
 import json
 import os
@@ -17,17 +20,18 @@ from test_targets import cuda_installed
 
 CONFIG = "window-5"  # a 5-token sliding window: the ring buffers wrap many times
 CHUNK, MAX_CONTEXT, NEW_TOKENS = 16, 128, 48
+GROUP = 16  # divides every linear's input width (32, 48): all of them int4
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+@pytest.fixture(scope="module", params=["int4", pytest.param("none", marks=pytest.mark.slow)])
+def folder(request, tmp_path_factory):
     cfg = CONFIGS[CONFIG]
-    tmp = tmp_path_factory.mktemp(CONFIG)
+    tmp = tmp_path_factory.mktemp(f"{CONFIG}-{request.param}")
     ckpt = save_checkpoint(hf_model(cfg, seed=21), cfg, tmp / "ckpt", layout="multimodal", shards=2)
     out = tmp / "out"
     compile_model(str(ckpt), "cpu,vulkan,cuda", out, max_context=MAX_CONTEXT, chunk=CHUNK, archs={"cuda": "sm_90"},
-                  log=lambda *_: None)
-    return ckpt, out
+                  quant=request.param, group_size=GROUP, log=lambda *_: None)
+    return ckpt, out, request.param
 
 
 def run(out, device, ids, tmp_path, capsys):
@@ -40,7 +44,7 @@ def run(out, device, ids, tmp_path, capsys):
 
 @pytest.mark.parametrize("prompt_len", [5, 40])  # shorter than one prefill chunk, and three chunks
 def test_vulkan_generates_what_the_cpu_module_generates(folder, prompt_len, tmp_path, capsys):
-    _, out = folder
+    _, out, _ = folder
     cfg = CONFIGS[CONFIG]
     ids = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
     cpu_tokens, cpu_logits = run(out, "cpu", ids, tmp_path, capsys)
@@ -52,12 +56,14 @@ def test_vulkan_generates_what_the_cpu_module_generates(folder, prompt_len, tmp_
 
 
 def test_targets_share_one_archive(folder):
-    _, out = folder
+    _, out, quant = folder
     manifest = json.loads((out / "g3n.json").read_text())
     assert list(manifest["targets"]) == ["cpu", "vulkan", "cuda"]
     for name, entry in manifest["targets"].items():
         vmfb = out / entry["file"]
         assert vmfb.is_file() and entry["bytes"] == vmfb.stat().st_size and entry["flags"]
+        int4 = next(p for p in entry["passes"] if p["name"] == "int4-pack")
+        assert (int4.get("stats", {}).get("rewritten", 0) > 0) == (quant == "int4"), int4
     t = manifest["targets"]
     assert (t["cpu"]["driver"], t["vulkan"]["driver"], t["cuda"]["driver"]) == ("local-task", "vulkan", "cuda")
     assert (t["cpu"]["arch"], t["vulkan"]["arch"], t["cuda"]["arch"]) == ("host", "llvmpipe", "sm_90")
@@ -67,12 +73,12 @@ def test_targets_share_one_archive(folder):
 
 def test_another_target_reuses_the_archive(folder, tmp_path):
     """Compiling CUDA for sm_80 into the folder replaces its sm_90 module and leaves model.irpa alone."""
-    ckpt, original = folder
+    ckpt, original, quant = folder
     out = shutil.copytree(original, tmp_path / "out", copy_function=shutil.copy2)
     before = json.loads((out / "g3n.json").read_text())
     irpa_stat = os.stat(out / "model.irpa")
     manifest = compile_model(str(ckpt), "cuda", out, max_context=MAX_CONTEXT, chunk=CHUNK, archs={"cuda": "sm_80"},
-                             log=lambda *_: None)
+                             quant=quant, group_size=GROUP, log=lambda *_: None)
     assert os.stat(out / "model.irpa").st_mtime_ns == irpa_stat.st_mtime_ns
     assert manifest["parameters"] == before["parameters"]
     assert manifest["targets"]["cuda"]["arch"] == "sm_80" and b".target sm_80" in (out / "cuda.vmfb").read_bytes()
@@ -83,16 +89,17 @@ def test_another_target_reuses_the_archive(folder, tmp_path):
 @pytest.mark.slow
 def test_another_build_replaces_the_folder(folder, tmp_path):
     """Another context length is another build: a new archive, and the old build's modules removed."""
-    ckpt, original = folder
+    ckpt, original, quant = folder
     out = shutil.copytree(original, tmp_path / "out")
     before = json.loads((out / "g3n.json").read_text())
-    manifest = compile_model(str(ckpt), "cpu", out, max_context=64, chunk=CHUNK, log=lambda *_: None)
+    manifest = compile_model(str(ckpt), "cpu", out, max_context=64, chunk=CHUNK, quant=quant, group_size=GROUP,
+                             log=lambda *_: None)
     assert manifest["parameters"]["archive_id"] != before["parameters"]["archive_id"]
     assert list(manifest["targets"]) == ["cpu"] and sorted(p.name for p in out.glob("*.vmfb")) == ["cpu.vmfb"]
 
 
 def test_device_errors(folder, capsys):
-    _, out = folder
+    _, out, _ = folder
     assert g3n_run([str(out), "--device", "vulkan:7", "--input-ids", "2,3"]) == 1
     assert "no vulkan device 7 here" in one_error(capsys, "g3n-run")
     assert g3n_run([str(out), "--device", "local-sync", "--input-ids", "2,3", "--max-new-tokens", "2", "--json"]) == 0
@@ -104,7 +111,7 @@ def test_device_errors(folder, capsys):
 
 
 def test_no_module_for_the_device(tmp_path, folder, capsys):
-    _, original = folder
+    _, original, _ = folder
     out = shutil.copytree(original, tmp_path / "out")
     manifest = json.loads((out / "g3n.json").read_text())
     del manifest["targets"]["vulkan"]

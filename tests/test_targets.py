@@ -51,7 +51,7 @@ def test_list_targets(capsys):
     out = capsys.readouterr().out
     for name, target in targets.TARGETS.items():
         assert name in out and target.ARCH_OPTION in out and target.DRIVER in out
-    assert "sm_90" in out and "llvmpipe" in out and "matvec" in out
+    assert "sm_90" in out and "llvmpipe" in out and "int4" in out
 
 
 @pytest.mark.parametrize("argv, message", [

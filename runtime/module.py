@@ -28,6 +28,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _pick_module(folder: Path, targets: dict, device: str | None, target: str | None) -> tuple[str, Device]:
+    """(target, device): the folder's module for `device` (default: the first module, on its own driver)."""
+    compiled = ", ".join(f"{name} ({t['driver']})" for name, t in targets.items()) or "nothing"
+    try:
+        wanted = Device.parse(device) if device else None
+    except DeviceError as e:
+        raise ModelError(str(e)) from None
+    if target is None and wanted is not None:
+        target = next((name for name, t in targets.items() if wanted.runs(t["driver"])), None)
+        if target is None:
+            raise ModelError(f"{folder}: no module for {wanted.kind} devices (compiled: {compiled}); "
+                             f"add one with g3n-compile --target {wanted.kind} -o {folder}")
+    target = target or next(iter(targets), None)
+    if target not in targets:
+        raise ModelError(f"{folder}: no module for target {target!r} (compiled: {compiled})")
+    wanted = wanted or Device(targets[target]["driver"])
+    if not wanted.runs(targets[target]["driver"]):
+        raise ModelError(f"{folder}: the {target} module does not run on {wanted.kind} devices")
+    return target, wanted
+
+
 class CompiledModel:
     """The text modules of one target. KV caches live in the module (device memory) between calls.
 
@@ -43,30 +64,14 @@ class CompiledModel:
             self.manifest = m = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelError(f"{path}: not valid JSON ({e})") from None
-        targets = m["targets"]
-        compiled = ", ".join(f"{name} ({t['driver']})" for name, t in targets.items()) or "nothing"
-        try:
-            self.device = Device.parse(device) if device else None
-        except DeviceError as e:
-            raise ModelError(str(e)) from None
-        if target is None and self.device is not None:
-            target = next((name for name, t in targets.items() if self.device.runs(t["driver"])), None)
-            if target is None:
-                raise ModelError(f"{self.folder}: no module for {self.device.kind} devices (compiled: {compiled}); "
-                                 f"add one with g3n-compile --target {self.device.kind} -o {self.folder}")
-        target = target or next(iter(targets), None)
-        if target not in targets:
-            raise ModelError(f"{self.folder}: no module for target {target!r} (compiled: {compiled})")
-        self.device = self.device or Device(targets[target]["driver"])
-        if not self.device.runs(targets[target]["driver"]):
-            raise ModelError(f"{self.folder}: the {target} module does not run on {self.device.kind} devices")
-        self.target = target
-        vmfb = self.folder / targets[target]["file"]
+        self.target, self.device = _pick_module(self.folder, m["targets"], device, target)
+        entry = m["targets"][self.target]
+        vmfb = self.folder / entry["file"]
         irpa = self.folder / m["parameters"]["file"]
         for f in (vmfb, irpa):
             if not f.is_file():
                 raise ModelError(f"{f}: missing (recompile with g3n-compile)")
-        if sha256_file(vmfb) != targets[target]["sha256"]:
+        if sha256_file(vmfb) != entry["sha256"]:
             raise ModelError(f"{vmfb}: does not match {MANIFEST} (it was replaced or rebuilt); recompile the folder")
         self.archive = ArchiveReader(irpa)
         stored = self.archive.bytes(m["parameters"]["archive_id_entry"]).decode(errors="replace") \

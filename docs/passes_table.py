@@ -31,7 +31,7 @@ def decode_dispatches(mlir_file: Path, flags: list[str]) -> int:
     import iree.compiler as ic
 
     flow = ic.compile_file(str(mlir_file), input_type="torch", extra_args=flags + ["--compile-to=flow"]).decode()
-    body = flow[flow.index("util.func public @decode("):]
+    body = flow[flow.index("util.func public @decode$async("):]
     body = body[:body.index("\n  }\n")]
     return len(re.findall(r"flow\.dispatch @", body))
 

@@ -1,8 +1,16 @@
-"""checkpoint -> model -> export -> IREE -> output folder (`model.irpa`, `<target>.vmfb`, tokenizer, `g3n.json`)."""
+"""checkpoint -> model -> export -> passes -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
+tokenizer, `g3n.json`).
+
+One export serves every target asked for; the passes run for each target. Compiling more targets into a
+folder that already holds this checkpoint at the same settings keeps its `model.irpa` (and its archive
+id) and its other targets' modules, as long as the archive holds every parameter the new modules load.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,12 +25,17 @@ from .presets import resolve_checkpoint
 from passes import PASSES, PassContext, PassError, run_passes
 from passes.ir import parameters
 # The output folder's format is defined once, by the runtime that reads it.
+from runtime.archive import ArchiveReader
 from runtime.module import MANIFEST, sha256_file
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")
+# What every module in one folder shares with its model.irpa: a folder whose manifest matches on all of
+# these (and whose archive is intact and complete) gets new targets without rewriting the archive.
+SHARED_BUILD = ("format", "g3n_version", "source", "source_fingerprint", "config", "max_context", "prefill_chunk",
+                "weight_dtype", "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache")
 
 
 class CompileError(RuntimeError):
@@ -32,17 +45,40 @@ class CompileError(RuntimeError):
 QUANTIZATIONS = ("none", "int4")
 
 
-def compile_model(model: str, target: str, out: Path, max_context: int = 2048, chunk: int = 128,
-                  dtype: str = "auto", quant: str = "none", group_size: int = 32, disabled_passes=(),
-                  dump_ir_after=(), dump_dir: Path | None = None, log=print) -> dict:
-    """Compile checkpoint `model` (folder or preset name) for `target` into folder `out`. Weights are
-    stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
-    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/)."""
+def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """[(target name, architecture)] from names (or one comma-separated string) and per-target archs."""
     from targets import TARGETS
 
-    if target not in TARGETS:
-        raise CompileError(f"unknown target {target!r} (available: {', '.join(TARGETS)})")
-    target_mod = TARGETS[target]
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    archs = archs or {}
+    for name in [*names, *archs]:
+        if name not in TARGETS:
+            raise CompileError(f"unknown target {name!r} (available: {', '.join(TARGETS)})")
+    unused = [TARGETS[name].ARCH_OPTION for name in archs if name not in names]
+    if unused:
+        raise CompileError(f"{', '.join(unused)} given, but the target is not among {', '.join(names)}")
+    if not names:
+        raise CompileError("no target given")
+    plan = {}
+    for name in names:
+        module = TARGETS[name]
+        plan[name] = archs.get(name, module.DEFAULT_ARCH)
+        if not module.accepts(plan[name]):
+            raise CompileError(f"{module.ARCH_OPTION} {plan[name]!r} is not a known {name} architecture "
+                               f"(known: {', '.join(module.ARCHS)})")
+    return list(plan.items())
+
+
+def compile_model(model: str, targets: str | list[str], out: Path, max_context: int = 2048, chunk: int = 128,
+                  archs: dict[str, str] | None = None, dtype: str = "auto", quant: str = "none", group_size: int = 32,
+                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, log=print) -> dict:
+    """Compile checkpoint `model` (folder or preset name) for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into
+    folder `out`; `archs` maps a target to its architecture (default: each target's DEFAULT_ARCH). Weights
+    are stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
+    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/). Returns the manifest."""
+    from targets import TARGETS
+
+    plan = resolve_targets(targets, archs)
     if quant not in QUANTIZATIONS:
         raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
     if group_size < 2 or group_size % 2:
@@ -71,48 +107,107 @@ def compile_model(model: str, target: str, out: Path, max_context: int = 2048, c
     exported = export_text_model(text, chunk, max_context, log=log)
     t_export = time.perf_counter() - t0
 
-    log("g3n-compile: running passes")
     t0 = time.perf_counter()
-    ctx = PassContext(cfg, target_mod, quant=quant, group_size=group_size)
-    try:
-        mlir, pass_report = run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,
-                                       dump_after=dump_ir_after, dump_dir=dump_dir, log=log)
-    except PassError as e:
-        raise CompileError(str(e)) from None
+    modules = {}  # target name -> (MLIR after its passes, their report, their context)
+    for name, _ in plan:
+        log(f"g3n-compile: running passes for {name}")
+        ctx = PassContext(cfg, TARGETS[name], quant=quant, group_size=group_size)
+        try:
+            own_dump_dir = dump_dir / name if dump_dir is not None and len(plan) > 1 else dump_dir
+            modules[name] = (*run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,
+                                         dump_after=dump_ir_after, dump_dir=own_dump_dir, log=log), ctx)
+        except PassError as e:
+            raise CompileError(str(e)) from None
     from iree.compiler import ir
     with ir.Context():
-        archived = sorted(name for name, _ in parameters(ir.Module.parse(mlir)).values())
+        archived = sorted({name for mlir, _, _ in modules.values()
+                           for name, _ in parameters(ir.Module.parse(mlir)).values()} | {PLE_TABLE})
     t_passes = time.perf_counter() - t0
 
-    log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights"
-        f"{', int4 linears' if quant == 'int4' else ''})")
+    # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
+    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context, quant, group_size)))
+    previous, previous_entries = _previous_build(out)
     t0 = time.perf_counter()
-    source = ctx.derived.getter(lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype))
-    archive_id = write_archive(out / "model.irpa", archived + [PLE_TABLE], source, log=log)
-    t_archive = time.perf_counter() - t0
-
-    vmfb = out / f"{target}.vmfb"
-    flags = target_mod.compile_flags(quant=quant)
-    log(f"g3n-compile: compiling for {target} ({' '.join(flags)})")
-    t0 = time.perf_counter()
-    _iree_compile(mlir, vmfb, flags)
-    t_compile = time.perf_counter() - t0
-
+    if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD) \
+            and set(archived) <= previous_entries:
+        log(f"g3n-compile: {out} already holds this build: keeping its model.irpa and its "
+            f"{', '.join(previous['targets']) or 'no'} modules")
+        manifest["parameters"], manifest["targets"] = previous["parameters"], previous["targets"]
+        t_archive = None
+    else:
+        if previous is not None:
+            _remove_modules(out, previous, log)
+        log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights"
+            f"{', int4 linears' if quant == 'int4' else ''})")
+        source = lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype)
+        for _, _, ctx in modules.values():  # each target's passes may derive tensors (int4 codes, fused weights)
+            source = ctx.derived.getter(source)
+        archive_id = write_archive(out / "model.irpa", archived, source, log=log)
+        manifest["parameters"] = {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
+                                  "archive_id_entry": ARCHIVE_ID, "count": len(archived)}
+        t_archive = round(time.perf_counter() - t0, 2)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
-    manifest = _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context,
-                         len(archived) + 1)
-    manifest["quantization"] = ({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
-                                 "layout": "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"}
-                                if quant == "int4" else "none")
-    manifest["passes"] = pass_report
-    manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": round(t_archive, 2),
-                             "iree_compile": round(t_compile, 2), "total": round(time.perf_counter() - t_start, 2)}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    for name, arch in plan:
+        target = TARGETS[name]
+        mlir, pass_report, _ = modules[name]
+        vmfb = out / f"{name}.vmfb"
+        flags = target.compile_flags(arch, quant=quant)
+        log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
+        t0 = time.perf_counter()
+        _iree_compile(mlir, vmfb, flags)
+        manifest["targets"][name] = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
+                                     "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
+                                     "compile_s": round(time.perf_counter() - t0, 2), "passes": pass_report}
+        manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
+                                 "total": round(time.perf_counter() - t_start, 2)}
+        _write_json(out / MANIFEST, manifest)  # after each module: the folder is usable at every step
+        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in "
+            f"{manifest['targets'][name]['compile_s']:.1f}s")
     log(f"g3n-compile: done in {manifest['timings_s']['total']:.1f}s -> {out} "
-        f"({vmfb.stat().st_size / 1e6:.2f} MB module, {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
+        f"({', '.join(manifest['targets'])}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
     return manifest
+
+
+def _previous_build(out: Path) -> tuple[dict | None, set[str]]:
+    """The manifest already in `out` and its archive's entry names, if that archive is there and is the
+    one the manifest names."""
+    try:
+        previous = json.loads((out / MANIFEST).read_text())
+        params = previous["parameters"]
+        archive = ArchiveReader(out / params["file"])
+        stored = archive.bytes(params["archive_id_entry"]).decode()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None, set()
+    return (previous, set(archive.entries)) if stored == params["archive_id"] else (None, set())
+
+
+def _remove_modules(out: Path, previous: dict, log) -> None:
+    """Another build is being written over this folder: its modules would not match the new archive."""
+    stale = [out / t["file"] for t in previous["targets"].values() if (out / t["file"]).is_file()]
+    if stale:
+        log(f"g3n-compile: {out} held a different build; removing its modules ({', '.join(p.name for p in stale)})")
+    for path in stale:
+        path.unlink()
+
+
+def _source_fingerprint(folder: Path) -> str:
+    """Names, sizes and modification times of the checkpoint's config and weight files."""
+    files = sorted({folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")})
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
@@ -120,19 +215,17 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
 
     src = vmfb.with_suffix(".mlir")
     src.write_text(mlir)
+    partial = vmfb.with_name(vmfb.name + ".partial")  # a failed compile leaves the previous module intact
     try:
-        ic.compile_file(str(src), output_file=str(vmfb), input_type="torch", extra_args=flags)
+        ic.compile_file(str(src), output_file=str(partial), input_type="torch", extra_args=flags)
     except ic.CompilerToolError as e:
         raise CompileError(f"iree-compile failed for {vmfb.name} (MLIR kept at {src}):\n{str(e)[-3000:]}") from None
+    os.replace(partial, vmfb)
     src.unlink()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, folder, max_context,
-              parameter_count) -> dict:
+def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_size: int) -> dict:
+    """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
     cfg = text.config
     rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
     c, v = exported.chunk, cfg.vocab_size
@@ -149,10 +242,14 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
     return {
         "format": "g3n-module", "g3n_version": __version__,
         "source": str(folder),
+        "source_fingerprint": _source_fingerprint(folder),
         "config": cfg.to_hf_dict(),
         "max_context": max_context,
         "prefill_chunk": c,
         "weight_dtype": _dtype_name(text.embed_tokens.weight.dtype),
+        "quantization": ({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
+                          "layout": "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"}
+                         if quant == "int4" else "none"),
         "activation_dtype": "float32",
         "functions": {
             "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
@@ -178,10 +275,8 @@ def _manifest(text, exported, target, target_mod, flags, out, vmfb, archive_id, 
         "tokenizer": {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
                       "add_bos_token": tok_cfg.get("add_bos_token", True), "chat_template": template},
         "stop_token_ids": list(cfg.eos_token_id),
-        "parameters": {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
-                       "archive_id_entry": ARCHIVE_ID, "count": parameter_count},
-        "targets": {target: {"file": vmfb.name, "driver": target_mod.DRIVER, "flags": flags,
-                             "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size}},
+        "parameters": None,
+        "targets": {},
     }
 
 

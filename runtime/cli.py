@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="IREE device (default: the module's, e.g. local-task)")
+    p.add_argument("--device", default=None,
+                   help="cpu, vulkan or cuda, with :N for the Nth such device (vulkan:1), or an IREE driver name "
+                        "(local-sync); runs the folder's module for that device (default: its first module)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the [generated_tokens, vocab] float32 logits each generated token was chosen from")

@@ -1,7 +1,7 @@
 """KV-cached generation over a compiled folder: the Python API other apps embed.
 
     from runtime import load
-    llm = load("out/tiny-random")                       # device defaults to the module's target
+    llm = load("out/tiny-random")                       # or load(folder, device="vulkan") / "cuda:1"
     print(llm.generate("Once upon a time", max_new_tokens=32).text)
     for piece in llm.chat([{"role": "user", "content": "Hi!"}], stream=True):
         print(piece, end="", flush=True)
@@ -133,5 +133,6 @@ class LLM:
 
 
 def load(folder: str | Path, device: str | None = None, target: str | None = None) -> LLM:
-    """Load a g3n output folder (g3n.json + <target>.vmfb + model.irpa + tokenizer)."""
+    """Load a g3n output folder (g3n.json + <target>.vmfb + model.irpa + tokenizer). `device`: cpu, vulkan,
+    cuda (`:N` for the Nth such device) or an IREE driver name; default: the folder's first module."""
     return LLM(folder, device=device, target=target)

@@ -1,4 +1,5 @@
-"""A compiled g3n folder loaded into IREE: integrity checks, the host-side PLE gather, prefill/decode calls."""
+"""A compiled g3n folder loaded into IREE: the module for the device, integrity checks, the host-side PLE
+gather, prefill/decode calls."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .archive import ArchiveReader, to_float32
+from .device import PRELOAD_PARAMETERS, Device, DeviceError, Readback
 
 MANIFEST = "g3n.json"
 
@@ -27,7 +29,10 @@ def sha256_file(path: Path) -> str:
 
 
 class CompiledModel:
-    """The text modules of one target. KV caches live in the module (device memory) between calls."""
+    """The text modules of one target. KV caches live in the module (device memory) between calls.
+
+    `device`: cpu, vulkan, cuda (`:N` for the Nth of that kind) or an IREE driver name; it picks the
+    folder's module for that kind of device. Default: the folder's first target, on its own driver."""
 
     def __init__(self, folder: str | Path, device: str | None = None, target: str | None = None):
         self.folder = Path(folder)
@@ -39,11 +44,23 @@ class CompiledModel:
         except json.JSONDecodeError as e:
             raise ModelError(f"{path}: not valid JSON ({e})") from None
         targets = m["targets"]
-        target = target or next(iter(targets))
+        compiled = ", ".join(f"{name} ({t['driver']})" for name, t in targets.items()) or "nothing"
+        try:
+            self.device = Device.parse(device) if device else None
+        except DeviceError as e:
+            raise ModelError(str(e)) from None
+        if target is None and self.device is not None:
+            target = next((name for name, t in targets.items() if self.device.runs(t["driver"])), None)
+            if target is None:
+                raise ModelError(f"{self.folder}: no module for {self.device.kind} devices (compiled: {compiled}); "
+                                 f"add one with g3n-compile --target {self.device.kind} -o {self.folder}")
+        target = target or next(iter(targets), None)
         if target not in targets:
-            raise ModelError(f"{self.folder}: no module for target {target!r} (compiled: {', '.join(targets)})")
+            raise ModelError(f"{self.folder}: no module for target {target!r} (compiled: {compiled})")
+        self.device = self.device or Device(targets[target]["driver"])
+        if not self.device.runs(targets[target]["driver"]):
+            raise ModelError(f"{self.folder}: the {target} module does not run on {self.device.kind} devices")
         self.target = target
-        self.device_name = device or targets[target]["driver"]
         vmfb = self.folder / targets[target]["file"]
         irpa = self.folder / m["parameters"]["file"]
         for f in (vmfb, irpa):
@@ -70,11 +87,11 @@ class CompiledModel:
 
         t0 = time.perf_counter()
         try:
-            self.config = rt.Config(self.device_name)
-        except (ValueError, RuntimeError) as e:
-            raise ModelError(f"IREE device {self.device_name!r} is not available here ({e})") from None
+            self.config = rt.Config(device=self.device.open())
+        except DeviceError as e:
+            raise ModelError(str(e)) from None
         index = rt.ParameterIndex()
-        index.load(str(irpa))
+        index.load(str(irpa), mmap=self.device.driver not in PRELOAD_PARAMETERS)
         instance = self.config.vm_instance
         modules = [
             rt.create_io_parameters_module(instance, index.create_provider(scope=self.manifest["parameters"]["scope"])),
@@ -88,6 +105,7 @@ class CompiledModel:
         main = modules[-1]
         self._prefill = rt.FunctionInvoker(self.context, self.config.device, main.lookup_function("prefill"))
         self._decode = rt.FunctionInvoker(self.context, self.config.device, main.lookup_function("decode"))
+        self._read = Readback(self.config.device)
         self.load_seconds = time.perf_counter() - t0
 
     def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -106,9 +124,9 @@ class CompiledModel:
             padded[0, :len(part)] = part
             logits = self._prefill(padded, self.per_layer_rows(padded), np.array([start + offset], np.int64),
                                    np.array([len(part)], np.int64))
-        return np.array(logits.to_host(), dtype=np.float32).reshape(-1)  # a copy: IREE reuses the buffer
+        return self._read(logits).reshape(-1)
 
     def decode(self, token: int, position: int) -> np.ndarray:
         ids = np.array([[token]], dtype=np.int64)
         logits = self._decode(ids, self.per_layer_rows(ids), np.array([position], np.int64))
-        return np.array(logits.to_host(), dtype=np.float32).reshape(-1)  # a copy: IREE reuses the buffer
+        return self._read(logits).reshape(-1)

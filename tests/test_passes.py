@@ -211,7 +211,7 @@ def test_int4_model_end_to_end(tmp_path):
     compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, quant="int4", log=lambda *_: None)
     manifest = json.loads((out / "g3n.json").read_text())
     assert manifest["quantization"]["weights"] == "int4"
-    assert next(p for p in manifest["passes"] if p["name"] == "int4-pack")["stats"]["rewritten"] > 0
+    assert next(p for p in manifest["targets"]["cpu"]["passes"] if p["name"] == "int4-pack")["stats"]["rewritten"] > 0
 
     model = load_model("tiny-random")
     quantized = {n: p for n, p in model.named_parameters() if QUANTIZED.fullmatch(n) and p.shape[1] % 32 == 0}

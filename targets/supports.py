@@ -1,0 +1,16 @@
+"""What a target can run, declared next to its flags so passes and `g3n-compile --list-targets` can ask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Supports:
+    dtypes: tuple[str, ...]  # weight dtypes its kernels read and compute correctly
+    int4_generic: str  # where the generic-linalg int4 matmul (notes §3, form E) compiles: "all" M, or "matvec" (M=1)
+    attention: str  # the attention form it runs
+
+    def describe(self) -> str:
+        return (f"dtypes {'/'.join(self.dtypes)}; int4 linalg form: {self.int4_generic}; "
+                f"attention: {self.attention}")

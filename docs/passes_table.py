@@ -11,7 +11,7 @@ tokens/s, the `.irpa` size and the KV-cache bytes.
 from __future__ import annotations
 
 import datetime
-import json
+import os
 import platform
 import re
 import sys
@@ -31,7 +31,7 @@ def decode_dispatches(mlir_file: Path, flags: list[str]) -> int:
     import iree.compiler as ic
 
     flow = ic.compile_file(str(mlir_file), input_type="torch", extra_args=flags + ["--compile-to=flow"]).decode()
-    body = flow[flow.index("util.func public @decode("):]
+    body = flow[flow.index("util.func public @decode$async("):]
     body = body[:body.index("\n  }\n")]
     return len(re.findall(r"flow\.dispatch @", body))
 
@@ -51,7 +51,7 @@ def main() -> None:
     rows = []
     for label, disabled, quant in STEPS:
         out, dumps = work / f"out-{len(rows)}", work / f"ir-{len(rows)}"
-        manifest = compile_model(str(folder), "cpu", out, max_context=1024, chunk=16, quant=quant,
+        manifest = compile_model(str(folder), "cpu", out, max_context=256, chunk=16, quant=quant,
                                  disabled_passes=disabled, dump_ir_after=["all"], dump_dir=dumps, log=lambda *_: None)
         final_ir = sorted(dumps.iterdir())[-1]
         dispatches = decode_dispatches(final_ir, manifest["targets"]["cpu"]["flags"])
@@ -62,12 +62,12 @@ def main() -> None:
         kv = sum(int(np.prod(layer["shape"])) * 4 for layer in manifest["kv_cache"]["layers"])
         rows.append((label, dispatches / cfg.num_hidden_layers, speed, (out / "model.irpa").stat().st_size, kv))
         print(rows[-1], flush=True)
-    full_context_kv = 2 * 4 * 1024 * cfg.num_key_value_heads * cfg.head_dim * len(cfg.kv_layers)
+    full_context_kv = 2 * 4 * 256 * cfg.num_key_value_heads * cfg.head_dim * len(cfg.kv_layers)
 
     lines = ["# What each pass gains", "",
              f"Measured by `docs/passes_table.py` on {datetime.date.today()} ({platform.processor() or platform.machine()}, "
-             f"{__import__('os').cpu_count()} cores): the E2B-proportioned random config ({cfg.num_hidden_layers} layers, "
-             f"hidden {cfg.hidden_size}, f32 checkpoint), CPU target, context 1024, prefill chunk 16. "
+             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, so speeds are indicative): the E2B-proportioned random config ({cfg.num_hidden_layers} layers, "
+             f"hidden {cfg.hidden_size}, f32 checkpoint), CPU target, context 256, prefill chunk 16. "
              "Passes are enabled cumulatively. Dispatches: `flow.dispatch` ops in `decode` after IREE's dispatch "
              "formation, per decoder layer (the embedding, PLE projection and LM head included, divided by the layer count).",
              "", "| passes | dispatches / layer (decode) | CPU decode tok/s | model.irpa | KV cache |", "|---|---|---|---|---|"]
@@ -77,7 +77,7 @@ def main() -> None:
     lines += ["", f"AltUp + LAuReL fusion: {base:.1f} -> {fused:.1f} dispatches per layer "
               f"({100 * (base - fused) / base:.0f} % fewer).",
               f"KV cache: the sliding layers' ring buffers ({cfg.sliding_window} slots) are part of the model since #3; "
-              f"with every layer at the full 1024 positions the cache would be {full_context_kv / 1e6:.2f} MB.", ""]
+              f"with every layer at the full 256 positions the cache would be {full_context_kv / 1e6:.2f} MB.", ""]
     (ROOT / "docs" / "passes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

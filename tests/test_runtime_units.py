@@ -36,3 +36,24 @@ def test_chat_template_renders_gemma_turns():
     assert ids[0] == 2 and ids.count(2) == 1 and tok.token_to_id("<start_of_turn>") in ids
     with pytest.raises(TokenizerError, match="alternate"):
         tok.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+def test_tokenizer_model_only_folder(tmp_path):
+    """A folder with only a SentencePiece `tokenizer.model` (no tokenizer.json) still tokenizes and
+    renders chats, with the Gemma turn markers as single pieces."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The cat {i} sat on the lighthouse and looked at the sea number {i}." for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=120,
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], bos_id=2, eos_id=1,
+                                   pad_id=0, unk_id=3, minloglevel=2)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "tokenizer.model").rename(folder / "tokenizer.model")
+    tok = Tokenizer(folder, bos_token_id=2, chat_template=CHAT_TEMPLATE)
+    ids = tok.encode("The cat sat on the sea.")
+    assert ids[0] == 2 and all(0 <= i < 120 for i in ids) and tok.decode(ids[1:]) == "The cat sat on the sea."
+    chat = tok.encode_chat([{"role": "user", "content": "The cat"}])
+    assert chat.count(tok.token_to_id("<start_of_turn>")) == 2 and tok.token_to_id("<end_of_turn>") in chat
+    assert tok.token_to_id("<no_such_piece>") is None

@@ -25,7 +25,7 @@ class PassError(ValueError):
 @dataclass
 class PassContext:
     config: object                 # the model's TextConfig
-    target: object                 # the target module (targets.cpu, ...): its `supports`
+    target: object                 # the target module (targets.cpu, ...): its SUPPORTS
     quant: str = "none"            # "none" | "int4"
     group_size: int = 32
     derived: DerivedParameters = field(default_factory=DerivedParameters)

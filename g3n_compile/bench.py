@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(table)
     if args.markdown:
-        update_document(args.markdown, table)
+        update_document(args.markdown, results["model"]["name"], table)
         _log(f"g3n-bench: tables written to {args.markdown}")
     if args.plot:
         _log(f"g3n-bench: {write_plot(results, args.plot)}")

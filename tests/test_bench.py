@@ -8,7 +8,7 @@ import math
 import pytest
 
 from g3n_compile.bench import kv_bytes_read, main
-from g3n_compile.bench_report import BEGIN, END
+from g3n_compile.bench_report import markers
 from g3n_compile.config import E2B, E4B
 from runtime.archive import ArchiveReader
 
@@ -25,7 +25,9 @@ def test_kv_bytes_match_the_architecture_notes():
 
 def test_bench_on_tiny_random(tmp_path):
     doc = tmp_path / "benchmarks.md"
-    doc.write_text(f"# Benchmarks\n\nprose before\n\n{BEGIN}\nold tables\n{END}\n\nprose after\n")
+    (begin, end), (other_begin, other_end) = markers("tiny-random"), markers("e2b")
+    doc.write_text(f"# Benchmarks\n\nprose before\n\n{begin}\nold tables\n{end}\n\nprose after\n\n"
+                   f"{other_begin}\nE2B tables\n{other_end}\n")
     out = tmp_path / "results.json"
     rc = main(["--model", "tiny-random", "--variants", "f32", "--prompts", ",".join(map(str, PROMPTS)),
                "--contexts", ",".join(map(str, CONTEXTS)), "--decode-tokens", str(STEPS), "--chunk", "8",
@@ -69,8 +71,9 @@ def test_bench_on_tiny_random(tmp_path):
     assert "matmul" in {k["kind"] for k in profile["by_kind"]}
 
     text = doc.read_text()
-    assert text.startswith("# Benchmarks\n\nprose before\n") and text.rstrip().endswith("prose after")
-    assert "old tables" not in text and text.count(BEGIN) == 1 and text.count(END) == 1
+    assert text.startswith("# Benchmarks\n\nprose before\n") and "\nprose after\n" in text
+    assert "old tables" not in text and text.count(begin) == 1 and text.count(end) == 1
+    assert text.rstrip().endswith(f"{other_begin}\nE2B tables\n{other_end}")  # another model's section is kept
     tables = [line for line in text.splitlines() if line.startswith("| engine |")]
     assert len(tables) == 3  # decode, prefill, memory/size/compile
     decode_table = text.split("### Decode")[1].split("###")[0]
@@ -79,17 +82,25 @@ def test_bench_on_tiny_random(tmp_path):
 
     try:
         import matplotlib  # noqa: F401  (the plot is an optional extra)
+        assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     except ImportError:
-        return
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pass
+
+    # A second run keeps the compiled module and reports the figures measured when it was built.
+    rc = main(["--model", "tiny-random", "--variants", "f32", "--prompts", "4", "--contexts", "20", "--decode-tokens",
+               str(STEPS), "--chunk", "8", "--bandwidth-gib", "0.03125", "--work", str(tmp_path / "work"),
+               "--baselines", "none", "--no-profile", "--json", str(out)])
+    again = json.loads(out.read_text())["runs"]
+    assert rc == 0 and [r["engine"] for r in again] == ["g3n"]
+    assert again[0]["compile"] == {**g3n["compile"], "reused": True}
 
 
-def test_bench_reuses_and_errors(tmp_path, capsys):
+def test_bench_errors(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nowhere")]) == 1
     assert "no such checkpoint folder" in capsys.readouterr().err
     assert main(["--model", "tiny-random", "--prompts", "4", "--contexts", "0", "--decode-tokens", "2",
                  "--chunk", "64"]) == 1
-    assert "--chunk 64 must be between 1 and the module's context (6" in capsys.readouterr().err
+    assert "--chunk 64 must be between 1 and the module's context (5 =" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--variants", "int8"])
     assert "unknown variant" in capsys.readouterr().err

@@ -101,9 +101,12 @@ class SafetensorsFile:
 
 
 def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+                      produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose tensors are named and shaped by `specs`, calling `produce(name)`
-    for one tensor at a time (in `specs` order) so that only one is in memory."""
+    for one tensor at a time (in `specs` order) so that only one is in memory. `produce` may also
+    return the tensor as row blocks (an iterable of tensors that concatenate along dim 0 to it), so
+    that not even one multi-gigabyte tensor has to be in memory whole."""
     header, offset = {}, 0
     for name, (dtype, shape) in specs.items():
         nbytes = math.prod(shape) * dtype.itemsize
@@ -119,9 +122,14 @@ def write_safetensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tupl
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, (dtype, shape) in specs.items():
-            t = produce(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)}, declared {dtype} {list(shape)}")
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            produced = produce(name)
+            rows = 0
+            for t in [produced] if isinstance(produced, torch.Tensor) else produced:
+                if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]) or t.dim() != len(shape):
+                    raise ValueError(f"{name}: produced {t.dtype} {list(t.shape)}, declared {dtype} {list(shape)}")
+                if t.numel():
+                    f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                rows += t.shape[0] if t.dim() else 1
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"{name}: produced {rows} rows, declared {dtype} {list(shape)}")
     tmp.replace(path)

@@ -1,0 +1,93 @@
+"""This machine's streaming memory-read bandwidth: what bounds decode speed (every weight is read once per token).
+
+Method: sum the 64-bit words of a buffer much larger than the last-level cache, with one OpenMP thread per
+core, best of a few passes (the buffer is written first, so its pages exist). A C program compiled at run
+time with `gcc -O3 -march=native -fopenmp` (vectorised loads, all cores) measures what the hardware gives;
+without a C compiler, numpy's single-threaded sum stands in and says so (it reaches only part of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+_SOURCE = r"""
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int main(int argc, char **argv) {
+    size_t n = strtoull(argv[1], 0, 10) / sizeof(uint64_t);
+    int passes = atoi(argv[2]);
+    uint64_t *a = aligned_alloc(64, n * sizeof(uint64_t));
+    if (!a) return 1;
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) a[i] = i;
+    double best = 1e30;
+    uint64_t check = 0;
+    for (int p = 0; p < passes; p++) {
+        uint64_t sum = 0;
+        double t0 = omp_get_wtime();
+        #pragma omp parallel for schedule(static) reduction(+:sum)
+        for (size_t i = 0; i < n; i++) sum += a[i];
+        double t = omp_get_wtime() - t0;
+        if (t < best) best = t;
+        check ^= sum;
+    }
+    printf("%.6f %d %llu\n", best, omp_get_max_threads(), (unsigned long long)check);
+    return 0;
+}
+"""
+
+
+def measure_bandwidth(nbytes: int = 2 << 30, passes: int = 5) -> dict:
+    """{"gb_per_s", "threads", "buffer_bytes", "method"}: the best streaming-read rate over `passes`."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc:
+        exe = _compiled(gcc)
+        if exe is not None:
+            out = subprocess.run([str(exe), str(nbytes), str(passes)], capture_output=True, text=True, check=True)
+            seconds, threads, _ = out.stdout.split()
+            return {"gb_per_s": nbytes / float(seconds) / 1e9, "threads": int(threads), "buffer_bytes": nbytes,
+                    "method": f"C (gcc -O3 -march=native -fopenmp): sum of uint64 over a {nbytes / 2**30:g} GiB "
+                              f"buffer, {threads} OpenMP threads, best of {passes}"}
+    return _numpy_bandwidth(nbytes, passes)
+
+
+def _compiled(gcc: str) -> Path | None:
+    """The measuring program, built once per source and compiler into the temp folder."""
+    key = hashlib.sha256((_SOURCE + gcc).encode()).hexdigest()[:12]
+    exe = Path(tempfile.gettempdir()) / f"g3n-bandwidth-{key}"
+    if exe.is_file():
+        return exe
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "bandwidth.c"
+        src.write_text(_SOURCE)
+        built = Path(tmp) / "bandwidth"
+        result = subprocess.run([gcc, "-O3", "-march=native", "-fopenmp", str(src), "-o", str(built)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            return None
+        shutil.move(built, exe)
+    return exe
+
+
+def _numpy_bandwidth(nbytes: int, passes: int) -> dict:
+    import numpy as np
+
+    a = np.arange(nbytes // 8, dtype=np.uint64)
+    best = min(_timed(a.sum) for _ in range(passes))
+    return {"gb_per_s": a.nbytes / best / 1e9, "threads": 1, "buffer_bytes": a.nbytes,
+            "method": f"numpy sum of uint64 over a {nbytes / 2**30:g} GiB buffer, 1 thread, best of {passes} "
+                      "(no C compiler found: this underestimates the machine's bandwidth)"}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -24,7 +24,7 @@ import re
 import torch
 from iree.compiler import ir
 
-from .ir import constant_ints, loaded_parameter, ops, parameters, producer, tensor_type, vtensor
+from .ir import add_parameter, linear_weight, ops, parameters, tensor_type, vtensor
 from .pipeline import Pass, PassContext
 
 QUANTIZED = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|laurel\.linear_(left|right)"
@@ -101,18 +101,13 @@ def _kernel(name: str, m: int, k: int, n: int, g: int, elem: str) -> str:
   }}"""
 
 
-def _match(op, params: dict, group: int):
-    """(parameter name, rhs permute op) if `op` is an mm by a quantisable parameter's transpose."""
-    if op.name != "torch.aten.mm":
-        return None
-    perm = producer(op.operands[1])
-    if perm is None or perm.name != "torch.aten.permute" or constant_ints(perm.operands[1]) != [1, 0]:
-        return None
-    name = loaded_parameter(perm.operands[0], params)
+def _match(op, params: dict, group: int) -> str | None:
+    """The parameter name if `op` is a linear layer by a quantisable weight whose width G divides."""
+    name = linear_weight(op, params)
     if name is None or not QUANTIZED.fullmatch(name):
         return None
     k = vtensor(op.operands[0])[0][1]
-    return (name, perm) if k % group == 0 and k % 2 == 0 else None
+    return name if k % group == 0 and k % 2 == 0 else None
 
 
 class Int4Pack(Pass):
@@ -131,7 +126,7 @@ class Int4Pack(Pass):
         sites = [(op, hit) for op in ops(module) if (hit := _match(op, params, g))]
         kernels, globals_ = set(), {}
         body = module.body
-        for op, (name, _) in sites:
+        for op, name in sites:
             (m, k), elem = vtensor(op.operands[0])
             n = vtensor(op.result)[0][1]
             kernel = f"g3n_int4_mm_{m}x{k}x{n}_g{g}_{elem}"
@@ -158,20 +153,9 @@ class Int4Pack(Pass):
     @staticmethod
     def _add_globals(module, name: str, n: int, k: int, g: int, ctx: PassContext) -> tuple[str, str]:
         symbols = []
-        scope = next(iter(parameters(module).values()))[1].attributes["initial_value"]
-        scope = str(scope).split('"')[1]
         for suffix, shape, elem, index in (("int4", (n, k // 2), "i8", 0), ("int4_scale", (n, k // g), "f16", 1)):
-            archive_name = f"{name}.{suffix}"
-            symbol = "param_" + re.sub(r"[^A-Za-z0-9_]", "_", archive_name)
-            t = tensor_type(shape, elem)
-            with ir.InsertionPoint.at_block_begin(module.body), ir.Location.unknown():
-                ir.Operation.create("util.global", attributes={
-                    "sym_name": ir.StringAttr.get(symbol), "sym_visibility": ir.StringAttr.get("private"),
-                    "type": ir.TypeAttr.get(t),
-                    "initial_value": ir.Attribute.parse(f'#stream.parameter.named<"{scope}"::"{archive_name}"> : {t}'),
-                    "inlining_policy": ir.Attribute.parse("#util.inline.never")})
-            ctx.derived.add(archive_name, (name,), lambda w, i=index: quantize(w, g)[i])
-            symbols.append(symbol)
+            symbols.append(add_parameter(module, f"{name}.{suffix}", shape, elem))
+            ctx.derived.add(f"{name}.{suffix}", (name,), lambda w, i=index: quantize(w, g)[i])
         return symbols[0], symbols[1]
 
 

@@ -93,6 +93,32 @@ def loaded_parameter(value: ir.Value, params: dict) -> str | None:
     return params[symbol][0] if symbol in params else None
 
 
+def linear_weight(op: ir.Operation, params: dict) -> str | None:
+    """The parameter name W if `op` is `torch.aten.mm(x, torch.aten.permute(W, [1, 0]))` (a linear layer
+    as torch.export writes it) with W an external parameter."""
+    if op.name != "torch.aten.mm":
+        return None
+    perm = producer(op.operands[1])
+    if perm is None or perm.name != "torch.aten.permute" or constant_ints(perm.operands[1]) != [1, 0]:
+        return None
+    return loaded_parameter(perm.operands[0], params)
+
+
+def add_parameter(module: ir.Module, name: str, shape, elem: str) -> str:
+    """Declare a new external parameter `name` (in the scope the module's parameters use); returns its
+    global's symbol."""
+    scope = str(next(iter(parameters(module).values()))[1].attributes["initial_value"]).split('"')[1]
+    t = tensor_type(shape, elem)
+    symbol = "param_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+    with ir.InsertionPoint.at_block_begin(module.body), ir.Location.unknown():
+        ir.Operation.create("util.global", attributes={
+            "sym_name": ir.StringAttr.get(symbol), "sym_visibility": ir.StringAttr.get("private"),
+            "type": ir.TypeAttr.get(t),
+            "initial_value": ir.Attribute.parse(f'#stream.parameter.named<"{scope}"::"{name}"> : {t}'),
+            "inlining_policy": ir.Attribute.parse("#util.inline.never")})
+    return symbol
+
+
 def erase_dead(root) -> int:
     """Erase side-effect-free ops whose results are unused, repeatedly; returns how many."""
     pure = ("torch.constant.", "torch.prim.ListConstruct", "torch.aten.view", "torch.aten.permute",

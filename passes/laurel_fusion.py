@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 from iree.compiler import ir
 
-from .ir import Builder, constant_ints, loaded_parameter, ops, parameters, producer, tensor_type, vtensor
+from .ir import Builder, add_parameter, linear_weight, ops, parameters, producer, tensor_type, vtensor
 from .pipeline import Pass, PassContext
 
 MEMBER = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|laurel\.linear_left)\.weight")
@@ -36,14 +36,8 @@ def _root(value: ir.Value) -> ir.Value:
 
 
 def _member(op, params):
-    if op.name != "torch.aten.mm":
-        return None
-    perm = producer(op.operands[1])
-    if perm is None or perm.name != "torch.aten.permute" or constant_ints(perm.operands[1]) != [1, 0]:
-        return None
-    name = loaded_parameter(perm.operands[0], params)
-    m = MEMBER.fullmatch(name or "")
-    return (int(m.group(1)), m.group(2), name) if m else None
+    m = MEMBER.fullmatch(linear_weight(op, params) or "")
+    return (int(m.group(1)), m.group(2), m.group(0)) if m else None
 
 
 class LaurelFusion(Pass):
@@ -71,26 +65,12 @@ class LaurelFusion(Pass):
             weights = [vtensor(producer(m[2].operands[1]).operands[0]) for m in members]
             shape, elem = (sum(w[0][0] for w in weights), weights[0][0][1]), weights[0][1]
             if names not in symbols:
-                scope = str(params[next(s for s in params if params[s][0] == names[0])][1]
-                            .attributes["initial_value"]).split('"')[1]
-                symbols[names] = _add_global(module, f"layers.{layer}.attn_laurel_in.weight", shape, elem, scope)
+                symbols[names] = add_parameter(module, f"layers.{layer}.attn_laurel_in.weight", shape, elem)
                 ctx.derived.add(f"layers.{layer}.attn_laurel_in.weight", names, lambda *ws: torch.cat(ws, dim=0))
             earliest = min(members, key=lambda m: m[3])[2]
             _rewrite(earliest, [m[2] for m in members], symbols[names], shape, elem)
             fused += 1
         return {"matched": sum(len(m) for m in groups.values()), "fused_matmuls": fused}
-
-
-def _add_global(module, name: str, shape, elem: str, scope: str) -> str:
-    t = tensor_type(shape, elem)
-    symbol = "param_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-    with ir.InsertionPoint.at_block_begin(module.body), ir.Location.unknown():
-        ir.Operation.create("util.global", attributes={
-            "sym_name": ir.StringAttr.get(symbol), "sym_visibility": ir.StringAttr.get("private"),
-            "type": ir.TypeAttr.get(t),
-            "initial_value": ir.Attribute.parse(f'#stream.parameter.named<"{scope}"::"{name}"> : {t}'),
-            "inlining_policy": ir.Attribute.parse("#util.inline.never")})
-    return symbol
 
 
 def _rewrite(first, mms, symbol: str, shape, weight_elem: str) -> None:

@@ -253,9 +253,12 @@ def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_
         "activation_dtype": "float32",
         "functions": {
             "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
-                                 arg("start", "int64", (1,)), arg("length", "int64", (1,))],
+                                 arg("start", "int64", (1,)), arg("length", "int64", (1,)),
+                                 arg("embeds", "float32", (1, c, cfg.hidden_size)), arg("embeds_mask", "bool", (1, c))],
                         "results": [arg("logits", "float32", (1, 1, v))],
-                        "doc": "tokens start..start+length-1 (the rest of the chunk is padding); logits of the last real one"},
+                        "doc": "tokens start..start+length-1 (the rest of the chunk is padding); logits of the last real "
+                               "one. Where embeds_mask is True, embeds replaces the token's embedding (soft tokens, "
+                               "multimodal token ids)"},
             "decode": {"args": [arg("input_ids", "int64", (1, 1)), arg("per_layer_rows", "float32", (1, 1, rows)),
                                 arg("start", "int64", (1,))],
                        "results": [arg("logits", "float32", (1, 1, v))],

@@ -85,6 +85,7 @@ class CompiledModel:
         self.chunk = m["prefill_chunk"]
         self.max_context = m["max_context"]
         self.vocab_size = m["config"]["vocab_size"]
+        self.hidden_size = m["config"]["hidden_size"]
         self._load_iree(vmfb, irpa)
 
     def _load_iree(self, vmfb: Path, irpa: Path) -> None:
@@ -120,15 +121,23 @@ class CompiledModel:
         picked = to_float32(rows[safe.reshape(-1)], self.per_layer_dtype)
         return np.ascontiguousarray(picked).reshape(*ids.shape, rows.shape[1])
 
-    def prefill(self, ids: list[int], start: int) -> np.ndarray:
-        """Run `ids` (any count) at positions start..; returns the logits [vocab] of the last one."""
+    def prefill(self, ids: list[int], start: int, embeds: np.ndarray | None = None,
+                embeds_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run `ids` (any count) at positions start..; returns the logits [vocab] of the last one.
+        `embeds` [len(ids), hidden] replaces the embedding of the tokens where `embeds_mask` [len(ids)]
+        is True (soft tokens may straddle chunks)."""
         logits = None
         for offset in range(0, len(ids), self.chunk):
             part = ids[offset:offset + self.chunk]
             padded = np.zeros((1, self.chunk), dtype=np.int64)
             padded[0, :len(part)] = part
+            chunk_embeds = np.zeros((1, self.chunk, self.hidden_size), dtype=np.float32)
+            chunk_mask = np.zeros((1, self.chunk), dtype=bool)
+            if embeds is not None:
+                chunk_embeds[0, :len(part)] = embeds[offset:offset + self.chunk]
+                chunk_mask[0, :len(part)] = embeds_mask[offset:offset + self.chunk]
             logits = self._prefill(padded, self.per_layer_rows(padded), np.array([start + offset], np.int64),
-                                   np.array([len(part)], np.int64))
+                                   np.array([len(part)], np.int64), chunk_embeds, chunk_mask)
         return self._read(logits).reshape(-1)
 
     def decode(self, token: int, position: int) -> np.ndarray:

@@ -97,8 +97,9 @@ class LLM:
     def _run(self, ids, max_new_tokens, sampling, stream, on_token, keep_logits, ignore_eos=False, images=(),
              audios=()):
         self._check_prompt(ids)
+        t0 = time.perf_counter()
         embeds = prompt_embeddings(self.model, ids, list(images), list(audios))
-        result = Generation(input_ids=list(ids))
+        result = Generation(input_ids=list(ids), timings={"encode_s": time.perf_counter() - t0})
         pieces = self._loop(result, embeds, max_new_tokens, sampling, keep_logits,
                             set() if ignore_eos else self.stop_ids)
         if stream:
@@ -146,7 +147,7 @@ class LLM:
             if keep_logits:
                 result.logits.append(logits)
             if step == 0:
-                result.timings["ttft_s"] = time.perf_counter() - t0
+                result.timings["ttft_s"] = time.perf_counter() - t0 + result.timings["encode_s"]  # with the encoders
             result.output_ids.append(token)
             history.append(token)
             if token in stop_ids:

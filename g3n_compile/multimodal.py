@@ -32,6 +32,8 @@ from runtime.audio import AudioError, LogMelSpec
 from runtime.image import ImageError, ImagePreprocessing
 
 TOKEN_TABLE = "multimodal_token_embeddings"
+# The encoders' archive names (the text model's never start so).
+ENCODER_PARAMETER_PREFIXES = ("audio_tower.", "embed_audio.", "vision_tower.", "embed_vision.")
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 VISION_TOWER_PREFIX = "model.vision_tower."
 

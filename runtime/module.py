@@ -132,9 +132,12 @@ class CompiledModel:
             abi = self.manifest.get("encoders", {}).get(kind)
             entry = self.manifest["targets"][self.target].get("encoders", {}).get(kind)
             if abi is None or entry is None:
-                raise ModelError(f"{self.folder} has no {kind} encoder: the checkpoint it was compiled from has no "
-                                 f"{kind} tower, so prompts with {'images' if kind == 'vision' else 'audio'} "
-                                 "cannot run on it")
+                medium = "images" if kind == "vision" else "audio"
+                if abi is None:
+                    raise ModelError(f"{self.folder} has no {kind} encoder: the checkpoint it was compiled from has "
+                                     f"no {kind} tower, so prompts with {medium} cannot run on it")
+                raise ModelError(f"{self.folder} has no {kind} encoder for {self.target} (it did not compile for "
+                                 f"that target); run prompts with {medium} on another device of the folder")
             path = self.folder / entry["file"]
             if not path.is_file():
                 raise ModelError(f"{path}: missing (recompile with g3n-compile)")

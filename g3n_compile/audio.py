@@ -399,7 +399,9 @@ class AudioEncoder(nn.Module):
         x, valid = self.subsample_conv_projection(x, valid)
         for block in self.conformer:
             x = block(x, valid)
-        x, valid = x[:, ::self.reduction], valid[:, ::self.reduction]
+        # Every reduction-th frame, gathered: a strided slice of the bool mask fails to compile for Vulkan.
+        keep = torch.arange(0, x.shape[1], self.reduction)
+        x, valid = x.index_select(1, keep), valid.index_select(1, keep)
         return torch.where(valid[..., None], x, 0.0), valid
 
 

@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="g3n-compile",
         description="Compile a Gemma 3n checkpoint (Hugging Face folder) into an output folder: model.irpa "
-                    "(weights), <target>.vmfb (code, one per target), tokenizer files and g3n.json (the module "
-                    "ABI). Compiling another target into a folder of the same checkpoint and settings adds its "
+                    "(weights), <target>.vmfb (code, one per target; <target>-audio.vmfb and <target>-vision.vmfb too "
+                    "when the checkpoint has those towers), tokenizer files and g3n.json (the module ABI). Compiling another target into a folder of the same checkpoint and settings adds its "
                     "module and keeps the folder's model.irpa. Run it with g3n-run.")
     p.add_argument("--model", default="tiny-random",
                    help="checkpoint folder, or 'tiny-random' (the built-in random test model; default)")

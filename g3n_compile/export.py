@@ -1,8 +1,11 @@
 """torch.export the decoder's cached step into `prefill` and `decode`, import to torch-dialect MLIR.
 
 Module ABI (recorded in g3n.json by the pipeline):
-    prefill(input_ids i64[1, C], per_layer_rows f32[1, C, L*P], start i64[1], length i64[1]) -> logits f32[1, 1, V]
+    prefill(input_ids i64[1, C], per_layer_rows f32[1, C, L*P], start i64[1], length i64[1],
+            embeds f32[1, C, H], embeds_mask i1[1, C])                                     -> logits f32[1, 1, V]
     decode (input_ids i64[1, 1], per_layer_rows f32[1, 1, L*P], start i64[1])                -> logits f32[1, 1, V]
+`embeds` replaces the token embedding where `embeds_mask` is True: the image/audio soft tokens and the
+embedders' rows of multimodal token ids, which the runtime places (a text prompt passes a False mask).
 The KV caches are module globals (`util.global mutable`), read and written in place by both
 functions, so they stay on the device between calls and no call copies a whole cache. Every weight is
 an external parameter (`#stream.parameter.named<"model"::NAME>`), so the module holds code only. The
@@ -35,29 +38,34 @@ class ExportedModule:
 
 
 class _Step(nn.Module):
-    """model.step with flat tensor arguments, as torch.export wants them."""
+    """model.step with flat tensor arguments, as torch.export wants them; prefill also takes `length`,
+    `embeds` and `embeds_mask`."""
 
-    def __init__(self, model: Gemma3nTextModel, with_length: bool):
+    def __init__(self, model: Gemma3nTextModel, prefill: bool):
         super().__init__()
-        self.model, self.with_length = model, with_length
+        self.model, self.prefill = model, prefill
 
     def forward(self, input_ids, per_layer_rows, start, *rest):
-        length, caches = (rest[0], rest[1:]) if self.with_length else (torch.ones_like(start), rest)
-        logits, new_caches = self.model.step(input_ids, per_layer_rows, start, length, list(caches))
+        if self.prefill:
+            length, embeds, embeds_mask, *caches = rest
+            logits, new_caches = self.model.step(input_ids, per_layer_rows, start, length, caches, embeds, embeds_mask)
+        else:
+            logits, new_caches = self.model.step(input_ids, per_layer_rows, start, torch.ones_like(start), list(rest))
         return (logits, *new_caches)
 
 
-def _export(model: Gemma3nTextModel, tokens: int, max_context: int):
+def _export(model: Gemma3nTextModel, tokens: int, max_context: int, prefill: bool):
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
     c = model.config
     rows = c.num_hidden_layers * c.hidden_size_per_layer_input
     # Distinct tensors for every argument: aliased example inputs get wired to one placeholder.
     args = [torch.zeros(1, tokens, dtype=torch.int64), torch.zeros(1, tokens, rows), torch.zeros(1, dtype=torch.int64)]
-    if tokens > 1:
-        args.append(torch.ones(1, dtype=torch.int64))
+    if prefill:
+        args += [torch.ones(1, dtype=torch.int64), torch.zeros(1, tokens, c.hidden_size),
+                 torch.zeros(1, tokens, dtype=torch.bool)]
     args += model.init_caches(1, max_context)
-    program = torch.export.export(_Step(model, tokens > 1), tuple(args), strict=False)
+    program = torch.export.export(_Step(model, prefill), tuple(args), strict=False)
     return program.run_decompositions(get_decomposition_table())
 
 
@@ -77,7 +85,7 @@ def export_text_model(model: Gemma3nTextModel, chunk: int, max_context: int, log
         t0 = time.perf_counter()
         with warnings.catch_warnings():  # torch.export's own deprecation chatter, not actionable here
             warnings.simplefilter("ignore", FutureWarning)
-            program = _export(model, tokens, max_context)
+            program = _export(model, tokens, max_context, prefill=name == "prefill")
         weights = {k.removeprefix("model."): v for k, v in program.state_dict.items()}
         hooks.names_by_id = {id(v): k for k, v in weights.items() if k in parameter_names}
         importer.import_frozen_program(program, func_name=f"{name}_step")

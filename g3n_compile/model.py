@@ -375,12 +375,19 @@ class Gemma3nTextModel(nn.Module):
         return logits
 
     def step(self, input_ids: Tensor, per_layer_rows: Tensor, start: Tensor, length: Tensor,
-             caches: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+             caches: list[Tensor], embeds: Tensor | None = None, embeds_mask: Tensor | None = None
+             ) -> tuple[Tensor, list[Tensor]]:
         """One cached call over T = input_ids.shape[1] tokens at positions start.. (the first `length`
         real, the rest padding). Returns the logits [B, 1, vocab] of the last real token and the
-        updated caches (same layout as `init_caches`)."""
+        updated caches (same layout as `init_caches`). Where `embeds_mask` [B, T] is True, `embeds`
+        [B, T, hidden] replaces the token's embedding (image and audio soft tokens, the embedders'
+        rows for multimodal token ids); the per-layer inputs see the merged embeddings, as in
+        transformers' Gemma3nModel."""
         chunk = Chunk(start, length, input_ids.shape[1])
-        return self._run(self.embed(input_ids), per_layer_rows, chunk, caches, last_only=True)
+        x = self.embed(input_ids)
+        if embeds is not None:
+            x = torch.where(embeds_mask[..., None], embeds.float(), x)
+        return self._run(x, per_layer_rows, chunk, caches, last_only=True)
 
     def _run(self, embeds: Tensor, rows: Tensor, chunk: Chunk, caches: list[Tensor] | None, last_only: bool):
         c = self.config

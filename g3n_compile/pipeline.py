@@ -1,5 +1,6 @@
 """checkpoint -> model -> export -> passes -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
-tokenizer, `g3n.json`).
+tokenizer, `g3n.json`), plus `<target>-audio.vmfb` / `<target>-vision.vmfb` when the checkpoint has those
+towers (see multimodal.py; g3n's passes rewrite the text module only).
 
 One export serves every target asked for; the passes run for each target. Compiling more targets into a
 folder that already holds this checkpoint at the same settings keeps its `model.irpa` (and its archive
@@ -21,6 +22,8 @@ from . import __version__
 from .archive import ARCHIVE_ID, write_archive
 from .checkpoint import Checkpoint, CheckpointError, text_model_for_export
 from .export import PARAM_SCOPE, export_text_model
+from .multimodal import (PREPROCESSOR_CONFIG, TOKEN_TABLE, archive_source, export_encoder, find_encoders,
+                         token_table_entry)
 from .presets import resolve_checkpoint
 from passes import PASSES, PassContext, PassError, run_passes
 from passes.ir import parameters
@@ -31,11 +34,12 @@ from runtime.module import MANIFEST, sha256_file
 PLE_TABLE = "embed_tokens_per_layer.weight"
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", PREPROCESSOR_CONFIG)
 # What every module in one folder shares with its model.irpa: a folder whose manifest matches on all of
 # these (and whose archive is intact and complete) gets new targets without rewriting the archive.
 SHARED_BUILD = ("format", "g3n_version", "source", "source_fingerprint", "config", "max_context", "prefill_chunk",
-                "weight_dtype", "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache")
+                "weight_dtype", "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache",
+                "encoders", "multimodal_tokens", "prompt_tokens")
 
 
 class CompileError(RuntimeError):
@@ -105,6 +109,11 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     log(f"g3n-compile: exporting (prefill chunk {chunk}, max context {max_context})")
     t0 = time.perf_counter()
     exported = export_text_model(text, chunk, max_context, log=log)
+    encoders = find_encoders(ckpt, weight_dtype)
+    for encoder in encoders:
+        t1 = time.perf_counter()
+        export_encoder(encoder)
+        log(f"  exported {encoder.kind} encoder ({_encoder_shape(encoder)}) in {time.perf_counter() - t1:.1f}s")
     t_export = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -121,11 +130,14 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     from iree.compiler import ir
     with ir.Context():
         archived = sorted({name for mlir, _, _ in modules.values()
-                           for name, _ in parameters(ir.Module.parse(mlir)).values()} | {PLE_TABLE})
+                           for name, _ in parameters(ir.Module.parse(mlir)).values()} | {PLE_TABLE}
+                          | {name for e in encoders for name in e.parameters}
+                          | ({TOKEN_TABLE} if encoders else set()))
     t_passes = time.perf_counter() - t0
 
     # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
-    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context, quant, group_size)))
+    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context, quant, group_size)
+                                     | _multimodal_manifest(ckpt, encoders, cfg)))
     previous, previous_entries = _previous_build(out)
     t0 = time.perf_counter()
     if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD) \
@@ -142,6 +154,7 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         source = lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype)
         for _, _, ctx in modules.values():  # each target's passes may derive tensors (int4 codes, fused weights)
             source = ctx.derived.getter(source)
+        source = archive_source(ckpt, encoders, weight_dtype, source)
         archive_id = write_archive(out / "model.irpa", archived, source, log=log)
         manifest["parameters"] = {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
                                   "archive_id_entry": ARCHIVE_ID, "count": len(archived)}
@@ -158,14 +171,34 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
         t0 = time.perf_counter()
         _iree_compile(mlir, vmfb, flags)
-        manifest["targets"][name] = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
-                                     "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
-                                     "compile_s": round(time.perf_counter() - t0, 2), "passes": pass_report}
+        entry = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
+                 "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
+                 "compile_s": round(time.perf_counter() - t0, 2), "passes": pass_report, "encoders": {}}
+        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {entry['compile_s']:.1f}s")
+        for encoder in encoders:
+            module = out / f"{name}-{encoder.kind}.vmfb"
+            encoder_flags = target.compile_flags(arch)  # the towers are not quantized
+            log(f"g3n-compile: compiling the {encoder.kind} encoder for {name}")
+            t1 = time.perf_counter()
+            try:
+                _iree_compile(encoder.mlir, module, encoder_flags)
+            except CompileError as e:
+                # Known for vision on Vulkan (IREE 3.13's SPIR-V codegen of the conv + norm dispatches): the
+                # text module still serves; prompts with that medium need another target's module.
+                module.with_suffix(".mlir").unlink(missing_ok=True)
+                reason = next((line for line in str(e).splitlines() if "error:" in line), "").strip()
+                log(f"g3n-compile: warning: the {encoder.kind} encoder does not compile for {name}; the {name} "
+                    f"module takes no {'images' if encoder.kind == 'vision' else 'audio'} ({reason[:200]})")
+                continue
+            entry["encoders"][encoder.kind] = {"file": module.name, "flags": encoder_flags,
+                                               "sha256": sha256_file(module), "bytes": module.stat().st_size,
+                                               "compile_s": round(time.perf_counter() - t1, 2)}
+            log(f"g3n-compile: {name}: {module.stat().st_size / 1e6:.2f} MB {encoder.kind} module in "
+                f"{entry['encoders'][encoder.kind]['compile_s']:.1f}s")
+        manifest["targets"][name] = entry
         manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
                                  "total": round(time.perf_counter() - t_start, 2)}
         _write_json(out / MANIFEST, manifest)  # after each module: the folder is usable at every step
-        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in "
-            f"{manifest['targets'][name]['compile_s']:.1f}s")
     log(f"g3n-compile: done in {manifest['timings_s']['total']:.1f}s -> {out} "
         f"({', '.join(manifest['targets'])}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
     return manifest
@@ -186,7 +219,9 @@ def _previous_build(out: Path) -> tuple[dict | None, set[str]]:
 
 def _remove_modules(out: Path, previous: dict, log) -> None:
     """Another build is being written over this folder: its modules would not match the new archive."""
-    stale = [out / t["file"] for t in previous["targets"].values() if (out / t["file"]).is_file()]
+    files = [t["file"] for t in previous["targets"].values()]
+    files += [e["file"] for t in previous["targets"].values() for e in t.get("encoders", {}).values()]
+    stale = [out / f for f in files if (out / f).is_file()]
     if stale:
         log(f"g3n-compile: {out} held a different build; removing its modules ({', '.join(p.name for p in stale)})")
     for path in stale:
@@ -224,6 +259,29 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
     src.unlink()
 
 
+def _encoder_shape(encoder) -> str:
+    abi = encoder.abi
+    size = f"{abi['frames']} frames" if encoder.kind == "audio" else f"{abi['image_size']}x{abi['image_size']} pixels"
+    return f"{size} -> {abi['soft_tokens']} soft tokens"
+
+
+def _multimodal_manifest(ckpt: Checkpoint, encoders: list, cfg) -> dict:
+    """The encoders' ABIs (by kind), the multimodal token table and the processor's token ids: empty for a
+    text-only checkpoint."""
+    if not encoders:
+        return {"encoders": {}, "multimodal_tokens": None, "prompt_tokens": None}
+    from .config import ConfigError
+    from .multimodal import PromptTokens
+
+    try:
+        tokens = PromptTokens.from_hf_dict(ckpt.raw_config, cfg.vocab_size)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.folder}: {e}") from None
+    return {"encoders": {e.kind: e.abi for e in encoders},
+            "multimodal_tokens": token_table_entry(encoders, cfg.hidden_size),
+            "prompt_tokens": tokens.to_hf_dict()}
+
+
 def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_size: int) -> dict:
     """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
     cfg = text.config
@@ -253,9 +311,12 @@ def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_
         "activation_dtype": "float32",
         "functions": {
             "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
-                                 arg("start", "int64", (1,)), arg("length", "int64", (1,))],
+                                 arg("start", "int64", (1,)), arg("length", "int64", (1,)),
+                                 arg("embeds", "float32", (1, c, cfg.hidden_size)), arg("embeds_mask", "bool", (1, c))],
                         "results": [arg("logits", "float32", (1, 1, v))],
-                        "doc": "tokens start..start+length-1 (the rest of the chunk is padding); logits of the last real one"},
+                        "doc": "tokens start..start+length-1 (the rest of the chunk is padding); logits of the last real "
+                               "one. Where embeds_mask is True, embeds replaces the token's embedding (soft tokens, "
+                               "multimodal token ids)"},
             "decode": {"args": [arg("input_ids", "int64", (1, 1)), arg("per_layer_rows", "float32", (1, 1, rows)),
                                 arg("start", "int64", (1,))],
                        "results": [arg("logits", "float32", (1, 1, v))],

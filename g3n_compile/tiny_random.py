@@ -1,9 +1,13 @@
-"""`tiny-random`: the built-in default model, a deterministic random-weight Gemma 3n of about 2 MB.
+"""`tiny-random`: the built-in default model, a deterministic random-weight Gemma 3n of about 6 MB.
 
 Every feature of the text decoder is switched on (per-layer widths, AltUp with 4 streams, LAuReL, PLE,
-sliding and full layers, KV sharing, activation sparsity, logit softcapping). It is written in the real
-Hub layout (sharded safetensors + index, config.json, tokenizer.json, tokenizer_config.json with the
-Gemma chat template), so the code that loads it is the code that loads real checkpoints.
+sliding and full layers, KV sharing, activation sparsity, logit softcapping), and it has small audio and
+vision towers (`tiny_audio_config`: real 128-bin features and attention geometry, 30 s clips -> 188 soft
+tokens; `TINY_MOBILENETV5`: 128 x 128 images -> 16 soft tokens) with the multimodal token ids after the
+512 text ids, as in the real vocabulary. It is written in the real Hub layout of
+`Gemma3nForConditionalGeneration` (sharded safetensors + index, config.json, preprocessor_config.json,
+tokenizer.json, tokenizer_config.json with the Gemma chat template), so the code that loads it is the
+code that loads real checkpoints.
 A random model generates nonsense; it exists to exercise the whole pipeline in seconds.
 """
 
@@ -16,18 +20,26 @@ from pathlib import Path
 
 import torch
 
+from .audio import AudioModel, tiny_audio_config
 from .config import FULL, SLIDING, TextConfig
+from .multimodal import PromptTokens, multimodal_config
 from .safetensors_io import write_safetensors
+from .vision import Gemma3nVisionModel
+from .vision_config import TINY_IMAGE_SIZE, TINY_MOBILENETV5, custom_config
 
 NAME = "tiny-random"
-VERSION = 1  # bump when the weights, config or tokenizer change: the cache folder is keyed on it
+VERSION = 2  # bump when the weights, config or tokenizer change: the cache folder is keyed on it
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
-                  "<start_of_image>", "<end_of_image>", "<start_of_audio>", "<end_of_audio>"]
+                  "<start_of_image>", "<start_of_audio>"]
 TEXT_VOCAB = 512
+MEDIA_VOCAB = 8  # ids per embedder: vision TEXT_VOCAB.., audio after them (the real model has 128 each)
+# The first ids of each embedder's range, as in Gemma 3n (<end_of_image> = 262144, <image_soft_token> = 262145, ...).
+MEDIA_TOKENS = {TEXT_VOCAB: "<end_of_image>", TEXT_VOCAB + 1: "<image_soft_token>",
+                TEXT_VOCAB + MEDIA_VOCAB: "<end_of_audio>", TEXT_VOCAB + MEDIA_VOCAB + 1: "<audio_soft_token>"}
 
 CONFIG = TextConfig(
-    vocab_size=TEXT_VOCAB + 16, vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=128,
+    vocab_size=TEXT_VOCAB + 2 * MEDIA_VOCAB, vocab_size_per_layer_input=TEXT_VOCAB, hidden_size=128,
     hidden_size_per_layer_input=16, intermediate_size=(256, 192, 256, 320, 256, 192), num_hidden_layers=6,
     num_attention_heads=4, num_key_value_heads=2, head_dim=32,
     layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL), sliding_window=16,
@@ -37,6 +49,17 @@ CONFIG = TextConfig(
     max_position_embeddings=2048, pad_token_id=0, bos_token_id=2,
     eos_token_id=(1, SPECIAL_TOKENS.index("<end_of_turn>")),
 )
+AUDIO = tiny_audio_config(CONFIG.hidden_size, CONFIG.vocab_size, MEDIA_VOCAB)
+VISION = custom_config(TINY_MOBILENETV5, 64, CONFIG.hidden_size, vocab_offset=TEXT_VOCAB, vocab_size=MEDIA_VOCAB)
+TOKENS = PromptTokens(boi_token_id=SPECIAL_TOKENS.index("<start_of_image>"), eoi_token_id=TEXT_VOCAB,
+                      image_token_id=TEXT_VOCAB + 1, boa_token_id=SPECIAL_TOKENS.index("<start_of_audio>"),
+                      eoa_token_id=TEXT_VOCAB + MEDIA_VOCAB, audio_token_id=TEXT_VOCAB + MEDIA_VOCAB + 1)
+# What the Hub's preprocessor_config.json holds (audio feature extractor and image processor), at this size.
+PREPROCESSOR = {"processor_class": "Gemma3nProcessor", "feature_extractor_type": "Gemma3nAudioFeatureExtractor",
+                "feature_size": 128, "sampling_rate": 16_000, "padding_value": 0.0, "dither": 0.0,
+                "image_processor_type": "SiglipImageProcessorFast", "size": {"height": TINY_IMAGE_SIZE,
+                                                                               "width": TINY_IMAGE_SIZE},
+                "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": False}
 
 # Gemma 3n's chat template (as shipped in the Hub's tokenizer_config.json).
 CHAT_TEMPLATE = (
@@ -109,6 +132,10 @@ def _build_tokenizer():
     # Byte tokens are ordinary vocabulary (they must decode), not special tokens.
     data = json.loads(tok.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in byte_tokens]
+    for token_id, token in MEDIA_TOKENS.items():  # after the trained vocabulary, at the embedders' ids
+        data["model"]["vocab"][token] = token_id
+        data["added_tokens"].append({"id": token_id, "content": token, "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
     return data
 
 
@@ -117,32 +144,36 @@ def write_tiny_random(folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
-    assert len(tokenizer["model"]["vocab"]) <= TEXT_VOCAB, "tokenizer outgrew the embedding table"
+    assert max(tokenizer["model"]["vocab"].values()) < CONFIG.vocab_size, "tokenizer outgrew the embedding table"
 
     from .model import Gemma3nTextModel
 
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Gemma3nTextModel(CONFIG).named_parameters()}
+        shapes = {"model.language_model." + n: tuple(p.shape) for n, p in Gemma3nTextModel(CONFIG).named_parameters()}
+        for tower in (AudioModel(AUDIO), Gemma3nVisionModel(VISION)):
+            shapes |= {"model." + n: tuple(p.shape) for n, p in tower.named_parameters()}
     gen = torch.Generator().manual_seed(0)
 
     def produce(stored: str) -> torch.Tensor:
-        shape = shapes[stored[len("model."):]]
+        shape = shapes[stored]
         noise = torch.randn(shape, generator=gen)
         if stored.endswith("correct_output_scale"):
             return 0.5 * noise
-        if len(shape) == 1:  # norm weights
+        if len(shape) == 1:  # norm weights, layer scales, the vision stem's bias
             return 1.0 + 0.1 * noise
-        return noise * (0.5 / shape[1] ** 0.5)
+        return noise * (0.5 / (noise[0].numel() ** 0.5))  # linears, convs and tables, by fan-in
 
-    names = ["model." + n for n in shapes]
+    names = list(shapes)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     for file_name, group in shards.items():
-        write_safetensors(folder / file_name, {n: (torch.float32, shapes[n[len("model."):]]) for n in group},
+        write_safetensors(folder / file_name, {n: (torch.float32, shapes[n]) for n in group},
                           produce, metadata={"format": "pt"})
     weight_map = {n: f for f, group in shards.items() for n in group}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    (folder / "config.json").write_text(json.dumps(CONFIG.to_hf_dict(), indent=2))
+    config = multimodal_config(CONFIG.to_hf_dict(), AUDIO, VISION, TOKENS)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",

@@ -318,19 +318,11 @@ class Gemma3nVisionModel(nn.Module):
         return self.embed_vision.soft(self.image_tokens(pixels) * self.config.hidden_size**0.5)
 
 
-def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3nVisionModel:
-    """The vision tower and embedder from a multimodal checkpoint folder, tensor by tensor (tensors already
-    in `dtype` stay memory-mapped)."""
-    from .checkpoint import Checkpoint, CheckpointError, assign_parameter, raise_problems
-    from .config import ConfigError
+def vision_tensor_names(ckpt, model: Gemma3nVisionModel) -> list[tuple[str, str]]:
+    """(model parameter name, checkpoint tensor name) for every parameter; raises one CheckpointError
+    listing missing, unexpected and wrong-shaped `model.vision_tower.*` / `model.embed_vision.*` tensors."""
+    from .checkpoint import raise_problems
 
-    ckpt = Checkpoint(folder)
-    try:
-        cfg = VisionConfig.from_hf_dict(ckpt.raw_config)
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt.folder}: {e}") from None
-    with torch.device("meta"):
-        model = Gemma3nVisionModel(cfg)
     expected = dict(model.named_parameters())
     found, unexpected, wrong = {}, [], []
     for stored in ckpt.location:
@@ -346,7 +338,23 @@ def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) ->
         found[name] = stored
     missing = ["model." + n for n in expected if n not in found]
     raise_problems(ckpt, missing, unexpected, wrong)
-    for name, stored in found.items():
+    return list(found.items())
+
+
+def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3nVisionModel:
+    """The vision tower and embedder from a multimodal checkpoint folder, tensor by tensor (tensors already
+    in `dtype` stay memory-mapped)."""
+    from .checkpoint import Checkpoint, CheckpointError, assign_parameter
+    from .config import ConfigError
+
+    ckpt = Checkpoint(folder)
+    try:
+        cfg = VisionConfig.from_hf_dict(ckpt.raw_config)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.folder}: {e}") from None
+    with torch.device("meta"):
+        model = Gemma3nVisionModel(cfg)
+    for name, stored in vision_tensor_names(ckpt, model):
         t = ckpt.tensor(stored)
         assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
     return model.eval()

@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--chat", action="store_true", help="interactive chat on stdin (empty line or EOF quits)")
     src.add_argument("--input-ids", type=_ids, help="raw prompt token ids, e.g. 2,17,301 (no template)")
     p.add_argument("--raw", action="store_true", help="with --prompt: continue the text as is, no chat template")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable): with --prompt/--chat it goes before the text, as the "
+                        "chat template places image parts; with --raw or --input-ids the prompt holds its "
+                        "placeholder (<image_soft_token>, or the expanded run of ids)")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="a WAV clip of up to 30 s for the prompt (repeatable), placed like --image "
+                        "(<audio_soft_token>)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at stop tokens: generate --max-new-tokens")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature is given)")
@@ -33,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None,
                    help="cpu, vulkan or cuda, with :N for the Nth such device (vulkan:1), or an IREE driver name "
                         "(local-sync); runs the folder's module for that device (default: its first module)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of streaming text (input_ids: the prompt as run, images "
+                        "and audio expanded to their placeholder tokens)")
     p.add_argument("--logits-out", metavar="FILE.npy",
                    help="save the [generated_tokens, vocab] float32 logits each generated token was chosen from")
     args = p.parse_args(argv)
@@ -52,16 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         llm = load(args.folder, device=args.device)
         if args.chat:
             return _chat(llm, args, sampling)
-        if args.input_ids is not None:
-            ids = args.input_ids
-        elif args.raw or not llm.require_tokenizer().chat_template:
-            ids = llm.require_tokenizer().encode(args.prompt)
-        else:
-            ids = llm.require_tokenizer().encode_chat([{"role": "user", "content": args.prompt}])
         stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-        result = llm.generate(ids, max_new_tokens=args.max_new_tokens, sampling=sampling, on_token=stream,
-                              keep_logits=bool(args.logits_out), ignore_eos=args.ignore_eos)
-    except (ModelError, TokenizerError, ValueError) as e:
+        options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, on_token=stream,
+                       keep_logits=bool(args.logits_out), ignore_eos=args.ignore_eos, images=args.image,
+                       audios=args.audio)
+        if args.input_ids is not None:
+            result = llm.generate(args.input_ids, **options)
+        elif args.raw or not llm.require_tokenizer().chat_template:
+            result = llm.generate(args.prompt, **options)
+        else:
+            ids = llm.chat_ids([{"role": "user", "content": _parts(args, args.prompt)}])
+            result = llm.generate(ids, **options)
+    except (ModelError, TokenizerError, ValueError) as e:  # MediaError, ImageError, AudioError are ValueErrors
         print(f"g3n-run: error: {e}", file=sys.stderr)
         return 1
     if args.logits_out:
@@ -79,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _parts(args, text: str) -> list[dict]:
+    """A user message's content: the --image and --audio files, then the text."""
+    return ([{"type": "image", "image": path} for path in args.image]
+            + [{"type": "audio", "audio": path} for path in args.audio] + [{"type": "text", "text": text}])
+
+
 def _chat(llm, args, sampling) -> int:
+    """Interactive chat; the --image/--audio files go with the first message."""
     messages = []
     while True:
         try:
@@ -88,7 +106,7 @@ def _chat(llm, args, sampling) -> int:
             return 0
         if not line.strip():
             return 0
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": _parts(args, line) if not messages else line})
         print("model> ", end="", flush=True)
         result = llm.chat(messages, max_new_tokens=args.max_new_tokens, sampling=sampling,
                           on_token=lambda piece: print(piece, end="", flush=True))

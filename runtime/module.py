@@ -1,5 +1,5 @@
 """A compiled g3n folder loaded into IREE: the module for the device, integrity checks, the host-side PLE
-gather, prefill/decode calls."""
+gather, prefill/decode calls, and the audio/vision encoders (loaded when a prompt first needs them)."""
 
 from __future__ import annotations
 
@@ -79,12 +79,18 @@ class CompiledModel:
         if stored != m["parameters"]["archive_id"]:
             raise ModelError(f"{irpa}: this parameter archive does not belong to {vmfb.name} "
                              f"(archive id {stored or 'missing'}, module expects {m['parameters']['archive_id']})")
+        tokens = m.get("multimodal_tokens")
+        self.token_table = None if tokens is None else self.archive.array(tokens["parameter"], tokens["dtype"],
+                                                                          tuple(tokens["shape"]))
+        self.token_table_first = tokens["first_id"] if tokens else 0
+        self._encoders = {}
         ple = m["per_layer_rows"]
         self.per_layer_dtype = ple["dtype"]
         self.per_layer_table = self.archive.array(ple["parameter"], ple["dtype"], tuple(ple["shape"]))
         self.chunk = m["prefill_chunk"]
         self.max_context = m["max_context"]
         self.vocab_size = m["config"]["vocab_size"]
+        self.hidden_size = m["config"]["hidden_size"]
         self._load_iree(vmfb, irpa)
 
     def _load_iree(self, vmfb: Path, irpa: Path) -> None:
@@ -95,23 +101,62 @@ class CompiledModel:
             self.config = rt.Config(device=self.device.open())
         except DeviceError as e:
             raise ModelError(str(e)) from None
-        index = rt.ParameterIndex()
-        index.load(str(irpa), mmap=self.device.driver not in PRELOAD_PARAMETERS)
+        self._index = rt.ParameterIndex()
+        self._index.load(str(irpa), mmap=self.device.driver not in PRELOAD_PARAMETERS)
+        self._prefill, self._decode = self._functions(vmfb, "prefill", "decode")
+        self._read = Readback(self.config.device)
+        self.load_seconds = time.perf_counter() - t0
+
+    def _functions(self, vmfb: Path, *names: str) -> list:
+        """Invokers of `names` in module `vmfb`, in a context of its own on this device and archive."""
+        import iree.runtime as rt
+
         instance = self.config.vm_instance
         modules = [
-            rt.create_io_parameters_module(instance, index.create_provider(scope=self.manifest["parameters"]["scope"])),
+            rt.create_io_parameters_module(instance,
+                                           self._index.create_provider(scope=self.manifest["parameters"]["scope"])),
             rt.create_hal_module(instance, self.config.device),
             rt.VmModule.mmap(instance, str(vmfb)),
         ]
         try:
-            self.context = rt.VmContext(instance, modules=modules)
+            context = rt.VmContext(instance, modules=modules)
         except RuntimeError as e:
-            raise ModelError(f"{vmfb.name} could not be loaded with {irpa.name}: {str(e).splitlines()[0]}") from None
-        main = modules[-1]
-        self._prefill = rt.FunctionInvoker(self.context, self.config.device, main.lookup_function("prefill"))
-        self._decode = rt.FunctionInvoker(self.context, self.config.device, main.lookup_function("decode"))
-        self._read = Readback(self.config.device)
-        self.load_seconds = time.perf_counter() - t0
+            raise ModelError(f"{vmfb.name} could not be loaded with {self.manifest['parameters']['file']}: "
+                             f"{str(e).splitlines()[0]}") from None
+        return [rt.FunctionInvoker(context, self.config.device, modules[-1].lookup_function(n)) for n in names]
+
+    def encoder(self, kind: str):
+        """The folder's `kind` ("audio" or "vision") encoder for this target: (its ABI from g3n.json, its
+        function), loaded on first use."""
+        if kind not in self._encoders:
+            abi = self.manifest.get("encoders", {}).get(kind)
+            entry = self.manifest["targets"][self.target].get("encoders", {}).get(kind)
+            if abi is None or entry is None:
+                medium = "images" if kind == "vision" else "audio"
+                if abi is None:
+                    raise ModelError(f"{self.folder} has no {kind} encoder: the checkpoint it was compiled from has "
+                                     f"no {kind} tower, so prompts with {medium} cannot run on it")
+                raise ModelError(f"{self.folder} has no {kind} encoder for {self.target} (it did not compile for "
+                                 f"that target); run prompts with {medium} on another device of the folder")
+            path = self.folder / entry["file"]
+            if not path.is_file():
+                raise ModelError(f"{path}: missing (recompile with g3n-compile)")
+            if sha256_file(path) != entry["sha256"]:
+                raise ModelError(f"{path}: does not match {MANIFEST} (it was replaced or rebuilt); recompile the folder")
+            self._encoders[kind] = abi, self._functions(path, abi["function"])[0]
+        return self._encoders[kind]
+
+    def encode(self, kind: str, *inputs: np.ndarray) -> np.ndarray:
+        """Run the `kind` encoder: its soft tokens [soft_tokens, hidden] as float32."""
+        _, function = self.encoder(kind)
+        return self._read(function(*inputs))[0]
+
+    def token_embedding(self, token: int) -> np.ndarray | None:
+        """The embedding of a multimodal token id (its embedder's row, float32 [hidden]); None for a text id."""
+        row = token - self.token_table_first
+        if self.token_table is None or not 0 <= row < self.token_table.shape[0]:
+            return None
+        return np.asarray(self.token_table[row], dtype=np.float32)
 
     def per_layer_rows(self, ids: np.ndarray) -> np.ndarray:
         """Host-side gather from the memory-mapped PLE table; ids outside it read row 0."""
@@ -120,15 +165,23 @@ class CompiledModel:
         picked = to_float32(rows[safe.reshape(-1)], self.per_layer_dtype)
         return np.ascontiguousarray(picked).reshape(*ids.shape, rows.shape[1])
 
-    def prefill(self, ids: list[int], start: int) -> np.ndarray:
-        """Run `ids` (any count) at positions start..; returns the logits [vocab] of the last one."""
+    def prefill(self, ids: list[int], start: int, embeds: np.ndarray | None = None,
+                embeds_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run `ids` (any count) at positions start..; returns the logits [vocab] of the last one.
+        `embeds` [len(ids), hidden] replaces the embedding of the tokens where `embeds_mask` [len(ids)]
+        is True (soft tokens may straddle chunks)."""
         logits = None
         for offset in range(0, len(ids), self.chunk):
             part = ids[offset:offset + self.chunk]
             padded = np.zeros((1, self.chunk), dtype=np.int64)
             padded[0, :len(part)] = part
+            chunk_embeds = np.zeros((1, self.chunk, self.hidden_size), dtype=np.float32)
+            chunk_mask = np.zeros((1, self.chunk), dtype=bool)
+            if embeds is not None:
+                chunk_embeds[0, :len(part)] = embeds[offset:offset + self.chunk]
+                chunk_mask[0, :len(part)] = embeds_mask[offset:offset + self.chunk]
             logits = self._prefill(padded, self.per_layer_rows(padded), np.array([start + offset], np.int64),
-                                   np.array([len(part)], np.int64))
+                                   np.array([len(part)], np.int64), chunk_embeds, chunk_mask)
         return self._read(logits).reshape(-1)
 
     def decode(self, token: int, position: int) -> np.ndarray:

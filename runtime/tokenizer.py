@@ -52,7 +52,7 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
         env.globals["raise_exception"] = raise_exception
-        bos = self._decode_special(self.bos_token_id)
+        bos = self.id_to_token(self.bos_token_id)
         return env.from_string(self.chat_template).render(messages=messages, bos_token=bos,
                                                           add_generation_prompt=add_generation_prompt)
 
@@ -60,7 +60,8 @@ class Tokenizer:
         # The template writes <bos> itself.
         return self.encode(self.render_chat(messages), add_bos=False)
 
-    def _decode_special(self, token_id: int) -> str:
+    def id_to_token(self, token_id: int) -> str:
+        """The token's text as the vocabulary spells it (special tokens included: `<image_soft_token>`)."""
         if hasattr(self._tok, "id_to_token"):
             return self._tok.id_to_token(token_id)
         return self._tok.id_to_piece(token_id)

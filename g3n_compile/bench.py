@@ -246,15 +246,19 @@ def _checkpoint_dtype(folder: Path):
 
 def _archive_weight_bytes(out: Path) -> int:
     """Bytes of every parameter in the archive a decode step reads: all but the PLE table (gathered on the host)
-    and the audio/vision encoders' weights and token table."""
+    and the audio/vision encoders' weights and token table; with an int4 LM head, the embedding table it
+    copies is only gathered from."""
     from runtime.archive import ArchiveReader
     from runtime.module import MANIFEST
 
     from .multimodal import ENCODER_PARAMETER_PREFIXES, TOKEN_TABLE
 
     manifest = json.loads((out / MANIFEST).read_text())
+    entries = ArchiveReader(out / "model.irpa").entries
     skip = {manifest["per_layer_rows"]["parameter"], manifest["parameters"]["archive_id_entry"], TOKEN_TABLE}
-    return sum(length for name, (_, length) in ArchiveReader(out / "model.irpa").entries.items()
+    if "embed_tokens.weight.int4" in entries:
+        skip.add("embed_tokens.weight")
+    return sum(length for name, (_, length) in entries.items()
                if name not in skip and not name.startswith(ENCODER_PARAMETER_PREFIXES))
 
 

@@ -1,7 +1,7 @@
 """Measure what each g3n pass gains and write docs/passes.md.
 
 For the E2B-proportioned test config (random weights, real layer structure) it compiles the CPU module
-four times, enabling the passes one after another, and records: dispatches per decoder layer in
+five times, enabling the passes one after another, and records: dispatches per decoder layer in
 `decode` (IREE's flow.dispatch ops after dispatch formation, divided by the layer count), CPU decode
 tokens/s, the `.irpa` size and the KV-cache bytes.
 
@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-STEPS = [("no passes", ["altup-fusion", "laurel-fusion"], "none"),
-         ("+ altup-fusion", ["laurel-fusion"], "none"),
-         ("+ laurel-fusion", [], "none"),
+STEPS = [("no passes", ["altup-fusion", "laurel-fusion", "sliding-window"], "none"),
+         ("+ altup-fusion", ["laurel-fusion", "sliding-window"], "none"),
+         ("+ laurel-fusion", ["sliding-window"], "none"),
+         ("+ sliding-window", [], "none"),
          ("+ int4-pack", [], "int4")]
 
 

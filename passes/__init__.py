@@ -7,7 +7,8 @@ from .altup_fusion import AltUpFusion
 from .int4_pack import Int4Pack
 from .laurel_fusion import LaurelFusion
 from .pipeline import Pass, PassContext, PassError, run_passes
+from .sliding_window import SlidingWindowDecode
 
-PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, Int4Pack]
+PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, SlidingWindowDecode, Int4Pack]
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "run_passes"]

@@ -120,14 +120,19 @@ def add_parameter(module: ir.Module, name: str, shape, elem: str) -> str:
 
 
 def erase_dead(root) -> int:
-    """Erase side-effect-free ops whose results are unused, repeatedly; returns how many."""
-    pure = ("torch.constant.", "torch.prim.ListConstruct", "torch.aten.view", "torch.aten.permute",
-            "torch.aten.expand", "torch.aten.mm", "torch.aten.bmm", "torch.aten.t", "torch_c.", "util.global.load")
+    """Erase side-effect-free ops whose results are unused, repeatedly; returns how many. torch ops whose
+    results are all value-semantic tensors (`!torch.vtensor`, all the FX importer writes) are pure."""
+    pure = ("torch.constant.", "torch.prim.ListConstruct", "torch.vtensor.literal", "torch_c.", "util.global.load")
+
+    def is_pure(op) -> bool:
+        return op.name.startswith(pure) or (op.name.startswith("torch.aten.") and
+                                            all(str(r.type).startswith("!torch.vtensor<") for r in op.results))
+
     erased, changed = 0, True
     while changed:
         changed = False
         for op in reversed(ops(root)):
-            if op.name.startswith(pure) and op.results and all(not list(r.uses) for r in op.results):
+            if is_pure(op) and op.results and all(not list(r.uses) for r in op.results):
                 op.erase()
                 erased, changed = erased + 1, True
     return erased

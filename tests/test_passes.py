@@ -14,6 +14,7 @@ from passes import PASSES, PassContext, PassError, run_passes
 from passes.altup_fusion import AltUpFusion
 from passes.int4_pack import Int4Pack, dequantize, quantize
 from passes.pipeline import Pass, ordered
+from passes.sliding_window import SlidingWindowDecode
 from targets import cpu
 
 ALTUP_IR = """
@@ -25,6 +26,23 @@ module {
     %1 = torch.aten.bmm %b, %c : !torch.vtensor<[2,5,4],f32>, !torch.vtensor<[2,4,4],f32> -> !torch.vtensor<[2,5,4],f32>
     %2 = torch.aten.mm %d, %e : !torch.vtensor<[3,8],f32>, !torch.vtensor<[8,2],f32> -> !torch.vtensor<[3,2],f32>
     return %0, %1, %2 : !torch.vtensor<[3,16],f32>, !torch.vtensor<[2,5,4],f32>, !torch.vtensor<[3,2],f32>
+  }
+}
+"""
+
+# decode_step's ABI (input_ids, per_layer_rows, start, caches...) with a ring of 4 slots and a full cache of
+# 8; the masks come in as arguments so the test can give the model's own.
+DECODE_IR = """
+module {
+  func.func @decode_step(%ids: !torch.vtensor<[1,1],si64>, %rows: !torch.vtensor<[1,1,4],f32>, %start: !torch.vtensor<[1],si64>,
+                         %ring: !torch.vtensor<[1,1,4,2],f32>, %full: !torch.vtensor<[1,1,8,2],f32>,
+                         %mask: !torch.vtensor<[1,4],i1>, %mask_full: !torch.vtensor<[1,8],i1>,
+                         %s: !torch.vtensor<[1,1,2,1,4],f32>, %s_full: !torch.vtensor<[1,1,2,1,8],f32>)
+      -> (!torch.vtensor<[1,1,2,1,4],f32>, !torch.vtensor<[1,1,2,1,8],f32>) {
+    %fill = torch.vtensor.literal(dense<-3.0e38> : tensor<f32>) : !torch.vtensor<[],f32>
+    %0 = torch.aten.where.self %mask, %s, %fill : !torch.vtensor<[1,4],i1>, !torch.vtensor<[1,1,2,1,4],f32>, !torch.vtensor<[],f32> -> !torch.vtensor<[1,1,2,1,4],f32>
+    %1 = torch.aten.where.self %mask_full, %s_full, %fill : !torch.vtensor<[1,8],i1>, !torch.vtensor<[1,1,2,1,8],f32>, !torch.vtensor<[],f32> -> !torch.vtensor<[1,1,2,1,8],f32>
+    return %0, %1 : !torch.vtensor<[1,1,2,1,4],f32>, !torch.vtensor<[1,1,2,1,8],f32>
   }
 }
 """
@@ -108,7 +126,7 @@ def count(text: str, op: str) -> int:
     return len(re.findall(rf"\b{re.escape(op)}\b", text))
 
 
-def run_compiled(mlir: str, tmp_path, inputs, weights: dict | None = None, quant: str = "none"):
+def run_compiled(mlir: str, tmp_path, inputs, weights: dict | None = None, quant: str = "none", function: str = "main"):
     import iree.compiler as ic
     import iree.runtime as rt
 
@@ -123,7 +141,7 @@ def run_compiled(mlir: str, tmp_path, inputs, weights: dict | None = None, quant
         modules.append(rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")))
     modules += [rt.create_hal_module(config.vm_instance, config.device), rt.VmModule.mmap(config.vm_instance, str(vmfb))]
     context = rt.VmContext(config.vm_instance, modules=modules)
-    main = rt.FunctionInvoker(context, config.device, modules[-1].lookup_function("main"))
+    main = rt.FunctionInvoker(context, config.device, modules[-1].lookup_function(function))
     return [np.array(r.to_host()) for r in main(*inputs)]
 
 
@@ -191,7 +209,8 @@ def test_pipeline_order_and_errors(tmp_path):
         """Runs after int4."""
         name, after = "late", ("int4-pack",)
 
-    assert [p.name for p in ordered([Late, *PASSES])] == ["altup-fusion", "laurel-fusion", "int4-pack", "late"]
+    assert [p.name for p in ordered([Late, *PASSES])] == ["altup-fusion", "laurel-fusion", "sliding-window", "int4-pack",
+                                                           "late"]
     ctx = PassContext(CONFIG, cpu)
     with pytest.raises(PassError, match="unknown pass 'nope'"):
         run_passes(ALTUP_IR, ctx, PASSES, disabled=["nope"])
@@ -205,7 +224,7 @@ def test_pipeline_order_and_errors(tmp_path):
     after, report = run_passes(ALTUP_IR, ctx, PASSES, disabled=["altup-fusion"], dump_after=["all"], dump_dir=tmp_path)
     assert count(after, "torch.aten.bmm") == 1 and not report[0]["enabled"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00-altup-fusion.mlir", "01-laurel-fusion.mlir",
-                                                          "02-int4-pack.mlir"]
+                                                          "02-sliding-window.mlir", "03-int4-pack.mlir"]
 
 
 def test_int4_model_end_to_end(tmp_path):
@@ -275,3 +294,30 @@ def test_int4_quality_on_the_e2b_proportioned_model(tmp_path):
     print(f"int4 e2b-proportioned: logits cosine vs f32 min {cosine.min():.4f} mean {cosine.mean():.4f}, "
           f"greedy agreement {agreement:.2f}")
     assert cosine.min() >= 0.99
+
+
+def test_sliding_window_reduces_the_ring_mask_to_slot_validity(tmp_path):
+    """The ring's mask becomes `slots <= start`; the full cache's mask stays. Numerics: for starts before,
+    at and long after the ring fills, the result equals the model's own causal + window mask."""
+    from g3n_compile.model import attention_mask, slot_positions
+
+    after, report = run_passes(DECODE_IR, PassContext(CONFIG, cpu), [SlidingWindowDecode])
+    assert report[0]["stats"] == {"matched": 1, "rewritten": 1, "ring_slots": 4}
+    assert count(after, "torch.aten.le.Tensor") == 1
+    # Printed with argument numbers: %arg5 is the ring's mask, %arg6 the full cache's.
+    where = [line for line in after.splitlines() if "torch.aten.where.self" in line]
+    assert "where.self %arg6," in where[1] and "where.self %arg5," not in where[0]
+
+    g = np.random.default_rng(0)
+    s, s_full = g.standard_normal((1, 1, 2, 1, 4), np.float32), g.standard_normal((1, 1, 2, 1, 8), np.float32)
+    caches = np.zeros((1, 1, 4, 2), np.float32), np.zeros((1, 1, 8, 2), np.float32)
+    for start in (0, 2, 3, 4, 7, 30):
+        q = torch.tensor([start])
+        ring_mask = attention_mask(q, *slot_positions(4, q + 1, ring=True), window=CONFIG.sliding_window).numpy()
+        full_mask = attention_mask(q, *slot_positions(8, q + 1, ring=False), window=None).numpy()
+        inputs = [np.zeros((1, 1), np.int64), np.zeros((1, 1, 4), np.float32), np.array([start], np.int64),
+                  *caches, ring_mask, full_mask, s, s_full]
+        before = run_compiled(DECODE_IR, tmp_path, inputs, function="decode_step")
+        got = run_compiled(after, tmp_path, inputs, function="decode_step")
+        for b, a in zip(before, got):
+            np.testing.assert_array_equal(a, b)

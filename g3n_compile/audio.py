@@ -475,7 +475,7 @@ def audio_tensor_names(ckpt, model: AudioModel) -> Iterator[tuple[str, str]]:
 def load_audio_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> AudioModel:
     """The audio tower and embedder of a multimodal checkpoint folder, tensor by tensor (tensors already
     in `dtype` stay memory-mapped)."""
-    from .checkpoint import Checkpoint, CheckpointError, assign_parameter
+    from .checkpoint import Checkpoint, CheckpointError, fill_from_checkpoint
 
     ckpt = Checkpoint(folder)
     try:
@@ -484,7 +484,4 @@ def load_audio_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         raise CheckpointError(f"{ckpt.folder}: {e}") from None
     with torch.device("meta"):
         model = AudioModel(config)
-    for name, stored in audio_tensor_names(ckpt, model):
-        t = ckpt.tensor(stored)
-        assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
-    return model.eval()
+    return fill_from_checkpoint(model, ckpt, audio_tensor_names(ckpt, model), dtype)

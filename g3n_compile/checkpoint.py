@@ -148,18 +148,24 @@ def assign_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
 
 
+def fill_from_checkpoint(model: nn.Module, ckpt: Checkpoint, names, dtype: torch.dtype) -> nn.Module:
+    """`model` (built on the meta device) with the checkpoint's tensors, one at a time: `names` yields
+    (parameter name, stored name). Tensors already in `dtype` stay memory-mapped (no copy), so a bf16
+    E4B checkpoint loads as bf16 without filling RAM."""
+    for name, stored in names:
+        t = ckpt.tensor(stored)
+        assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
+    return model.eval()
+
+
 def load_text_model(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Build the text decoder from a checkpoint folder, tensor by tensor. Tensors already in `dtype`
-    stay memory-mapped (no copy), so a bf16 E4B checkpoint loads as bf16 without filling RAM."""
+    """The text decoder of a checkpoint folder, tensor by tensor (see `fill_from_checkpoint`)."""
     from .model import Gemma3nTextModel
 
     ckpt = Checkpoint(folder)
     with torch.device("meta"):
         model = Gemma3nTextModel(ckpt.config)
-    for name, stored in text_tensor_names(ckpt, model):
-        t = ckpt.tensor(stored)
-        assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
-    return model.eval()
+    return fill_from_checkpoint(model, ckpt, text_tensor_names(ckpt, model), dtype)
 
 
 def text_model_for_export(ckpt: Checkpoint, dtype: torch.dtype):

@@ -344,7 +344,7 @@ def vision_tensor_names(ckpt, model: Gemma3nVisionModel) -> list[tuple[str, str]
 def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3nVisionModel:
     """The vision tower and embedder from a multimodal checkpoint folder, tensor by tensor (tensors already
     in `dtype` stay memory-mapped)."""
-    from .checkpoint import Checkpoint, CheckpointError, assign_parameter
+    from .checkpoint import Checkpoint, CheckpointError, fill_from_checkpoint
     from .config import ConfigError
 
     ckpt = Checkpoint(folder)
@@ -354,7 +354,4 @@ def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) ->
         raise CheckpointError(f"{ckpt.folder}: {e}") from None
     with torch.device("meta"):
         model = Gemma3nVisionModel(cfg)
-    for name, stored in vision_tensor_names(ckpt, model):
-        t = ckpt.tensor(stored)
-        assign_parameter(model, name, t if t.dtype == dtype else t.to(dtype))
-    return model.eval()
+    return fill_from_checkpoint(model, ckpt, vision_tensor_names(ckpt, model), dtype)

@@ -118,9 +118,9 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
 
     t0 = time.perf_counter()
     modules = {}  # target name -> (MLIR after its passes, their report, their context)
-    for name, _ in plan:
+    for name, arch in plan:
         log(f"g3n-compile: running passes for {name}")
-        ctx = PassContext(cfg, TARGETS[name], quant=quant, group_size=group_size)
+        ctx = PassContext(cfg, TARGETS[name], quant=quant, group_size=group_size, arch=arch)
         try:
             own_dump_dir = dump_dir / name if dump_dir is not None and len(plan) > 1 else dump_dir
             modules[name] = (*run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,

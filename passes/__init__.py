@@ -4,11 +4,12 @@ One pass per file (matcher, rewrite, docstring stating the IR it expects and lea
 them in their default order, `pipeline.run_passes` applies them."""
 
 from .altup_fusion import AltUpFusion
+from .int4_cpu_kernel import Int4CpuKernel
 from .int4_pack import Int4Pack
 from .laurel_fusion import LaurelFusion
 from .pipeline import Pass, PassContext, PassError, run_passes
 from .sliding_window import SlidingWindowDecode
 
-PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, SlidingWindowDecode, Int4Pack]
+PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, SlidingWindowDecode, Int4Pack, Int4CpuKernel]
 
 __all__ = ["PASSES", "Pass", "PassContext", "PassError", "run_passes"]

@@ -28,6 +28,7 @@ class PassContext:
     target: object                 # the target module (targets.cpu, ...): its SUPPORTS
     quant: str = "none"            # "none" | "int4"
     group_size: int = 32
+    arch: str = ""                 # the target's architecture (its --*-arch/--cpu-features value)
     derived: DerivedParameters = field(default_factory=DerivedParameters)
 
 

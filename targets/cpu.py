@@ -9,7 +9,8 @@ ARCH_OPTION = "--cpu-features"
 DEFAULT_ARCH = "host"
 # Examples: any CPU name LLVM knows for the host's architecture is accepted (iree-compile lists them).
 ARCHS = ("host", "generic", "x86-64-v2", "x86-64-v3", "x86-64-v4", "znver4", "sapphirerapids")
-SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)")
+SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)",
+                    int4_kernel=True)
 
 
 def accepts(arch: str) -> bool:

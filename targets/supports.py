@@ -10,7 +10,8 @@ class Supports:
     dtypes: tuple[str, ...]  # weight dtypes its kernels read and compute correctly
     int4_generic: str  # where the generic-linalg int4 matmul (notes §3, form E) compiles: "all" M, or "matvec" (M=1)
     attention: str  # the attention form it runs
+    int4_kernel: bool = False  # links g3n's int4 x int8 C kernel (targets/cpu_kernels) where the CPU allows
 
     def describe(self) -> str:
         return (f"dtypes {'/'.join(self.dtypes)}; int4 linalg form: {self.int4_generic}; "
-                f"attention: {self.attention}")
+                f"attention: {self.attention}" + ("; int4 x int8 C kernel" if self.int4_kernel else ""))

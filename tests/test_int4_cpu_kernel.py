@@ -1,0 +1,98 @@
+"""The int4-cpu-kernel pass: int4-pack's matmuls become int8 activation quantization + g3n's C kernel.
+
+IR in (three int4 linears: K = 64, a partial superblock; K = 512; K = 544, which the kernel does not
+take), structure out, and the compiled module against numpy: the kernel's product of the Q8_0-quantized
+activations and the int4 weights, and the f32 product within int8-activation rounding."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from g3n_compile.tiny_random import CONFIG
+from passes import PassContext, PassError, run_passes
+from passes.int4_cpu_kernel import Int4CpuKernel
+from passes.int4_pack import Int4Pack, dequantize, quantize
+from targets import cpu, cuda
+from targets.cpu_kernels import host_isas
+from test_passes import count, run_compiled
+
+pytestmark = pytest.mark.skipif(not host_isas(), reason="no int4 kernel variant for this CPU (x86-64 only)")
+
+LINEARS = {"layers.0.laurel.linear_right.weight": (48, 64), "layers.0.mlp.down_proj.weight": (40, 512),
+           "layers.0.mlp.up_proj.weight": (24, 544)}
+
+
+def _ir() -> str:
+    globals_, body, results = [], ["    %i1 = torch.constant.int 1", "    %i0 = torch.constant.int 0",
+                                   "    %perm = torch.prim.ListConstruct %i1, %i0 : (!torch.int, !torch.int) -> !torch.list<int>"], []
+    for i, (name, (n, k)) in enumerate(LINEARS.items()):
+        globals_.append(f'  util.global private @w{i} <inlining_policy = #util.inline.never> = '
+                        f'#stream.parameter.named<"model"::"{name}"> : tensor<{n}x{k}xf32>')
+        body += [f"    %l{i} = util.global.load @w{i} : tensor<{n}x{k}xf32>",
+                 f"    %w{i} = torch_c.from_builtin_tensor %l{i} : tensor<{n}x{k}xf32> -> !torch.vtensor<[{n},{k}],f32>",
+                 f"    %t{i} = torch.aten.permute %w{i}, %perm : !torch.vtensor<[{n},{k}],f32>, !torch.list<int> -> !torch.vtensor<[{k},{n}],f32>",
+                 f"    %y{i} = torch.aten.mm %x{i}, %t{i} : !torch.vtensor<[3,{k}],f32>, !torch.vtensor<[{k},{n}],f32> -> !torch.vtensor<[3,{n}],f32>"]
+        results.append((f"%y{i}", f"!torch.vtensor<[3,{n}],f32>"))
+    args = ", ".join(f"%x{i}: !torch.vtensor<[3,{k}],f32>" for i, (_, k) in enumerate(LINEARS.values()))
+    types = ", ".join(t for _, t in results)
+    body.append(f"    return {', '.join(r for r, _ in results)} : {types}")
+    return "module {\n" + "\n".join(globals_) + f"\n  func.func @main({args}) -> ({types}) {{\n" + "\n".join(body) + "\n  }\n}\n"
+
+
+def _q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's Q8_0 per group of 32: d = max|x| / 127, q = round-half-even(x / d)."""
+    g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(g).max(-1) / np.float32(127)
+    q = np.round(g / np.where(d == 0, 1, d)[..., None])
+    return q.reshape(x.shape), d
+
+
+def test_kernel_pass_structure_and_numerics(tmp_path):
+    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
+    after, report = run_passes(_ir(), ctx, [Int4Pack, Int4CpuKernel])
+    stats = report[1]["stats"]
+    assert stats["matched"] == 3 and stats["rewritten"] == 2 and stats["isa"] == host_isas()[0]
+    # Two kernel shapes in one hand-written executable that carries the object; K = 544 stays generic.
+    assert after.count("stream.executable private @g3n_cpu_kernels") == 1 and after.count("#hal.executable.objects<") == 1
+    assert count(after, "flow.dispatch") == 2 and count(after, "stream.executable.export") == 2
+    assert after.count("call @g3n_q4k_mm_") == 2 and after.count("call @g3n_int4_mm_3x544x24") == 1
+    assert "func.func private @g3n_int4_mm_3x64" not in after and "iree_tensor_ext.bitcast" in after
+    for name in list(LINEARS)[:2]:  # kernel layout replaces int4-pack's codes; scales are shared
+        assert f'"{name}.q4_0"' in after and f'"{name}.int4"' not in after and f'"{name}.int4_scale"' in after
+    assert '"layers.0.mlp.up_proj.weight.int4"' in after
+
+    g = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(n, k, generator=g) for name, (n, k) in LINEARS.items()}
+    source = ctx.derived.getter(weights.__getitem__)
+    names = re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', after)
+    xs = [torch.randn(3, k, generator=g).numpy() for _, k in LINEARS.values()]
+    ys = run_compiled(after, tmp_path, xs, {n: source(n) for n in names}, quant="int4")
+    for (name, _), x, y in zip(LINEARS.items(), xs, ys):
+        packed, scales = quantize(weights[name], 32)
+        w = dequantize(packed, scales).numpy().astype(np.float64)
+        exact = x.astype(np.float64) @ w.T
+        if name.endswith("up_proj.weight"):  # generic int4: f32 activations
+            np.testing.assert_allclose(y, exact, rtol=1e-4, atol=1e-4)
+            continue
+        q, d = _q8_0(x)
+        kernel = (np.repeat(d, 32, axis=1) * q).astype(np.float64) @ w.T
+        np.testing.assert_allclose(y, kernel, rtol=1e-4, atol=1e-4 * np.abs(kernel).max())
+        # int8 activations cost ~0.4 % of the product's scale (half a step of max|x| / 127 per element)
+        assert np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_kernel_pass_applies_only_to_cpu_int4_group_32():
+    assert Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host"))
+    assert not Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="int4", group_size=64, arch="host"))
+    assert not Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="none", arch="host"))
+    assert not Int4CpuKernel.applies(PassContext(CONFIG, cuda, quant="int4", group_size=32, arch="sm_90"))
+
+
+def test_missing_c_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
+    with pytest.raises(PassError, match="no C compiler found.*--disable-pass int4-cpu-kernel"):
+        run_passes(_ir(), ctx, [Int4Pack, Int4CpuKernel])

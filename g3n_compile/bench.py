@@ -41,10 +41,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-VARIANTS = {  # name -> (quantization, weight dtype)
-    "int4": ("int4", "auto"),
-    "bf16": ("none", "bfloat16"),
-    "f32": ("none", "float32"),
+VARIANTS = {  # name -> (quantization, weight dtype, passes disabled)
+    "int4": ("int4", "auto", []),  # on x86-64 CPUs: g3n's int4 x int8 C kernel
+    "int4-generic": ("int4", "auto", ["int4-cpu-kernel"]),  # IREE's own code for the int4 matmuls
+    "bf16": ("none", "bfloat16", []),
+    "f32": ("none", "float32", []),
 }
 PLE_TABLE = "embed_tokens_per_layer.weight"
 
@@ -203,11 +204,11 @@ def _compiled(folder: Path, out: Path, args, variant: str, max_context: int) -> 
     if record.is_file() and (out / "g3n.json").is_file() and not args.rebuild:
         _log(f"g3n-bench: using the module compiled earlier in {out}")
         return {**json.loads(record.read_text()), "reused": True}
-    quant, dtype = VARIANTS[variant]
+    quant, dtype, disabled = VARIANTS[variant]
     _log(f"g3n-bench: compiling {folder.name} for {args.target} ({variant}) into {out}")
     built = _subprocess({"kind": "compile", "checkpoint": str(folder), "out": str(out), "target": args.target,
-                         "quant": quant, "dtype": dtype, "group_size": args.group_size, "chunk": args.chunk,
-                         "max_context": max_context})
+                         "quant": quant, "dtype": dtype, "disabled": disabled, "group_size": args.group_size,
+                         "chunk": args.chunk, "max_context": max_context})
     built.update(date=datetime.datetime.now().isoformat(timespec="seconds"), g3n_commit=_commit())
     record.write_text(json.dumps(built, indent=1))
     return {**built, "reused": False}
@@ -256,7 +257,7 @@ def _archive_weight_bytes(out: Path) -> int:
     manifest = json.loads((out / MANIFEST).read_text())
     entries = ArchiveReader(out / "model.irpa").entries
     skip = {manifest["per_layer_rows"]["parameter"], manifest["parameters"]["archive_id_entry"], TOKEN_TABLE}
-    if "embed_tokens.weight.int4" in entries:
+    if {"embed_tokens.weight.int4", "embed_tokens.weight.q4_0"} & set(entries):  # generic / C-kernel layout
         skip.add("embed_tokens.weight")
     return sum(length for name, (_, length) in entries.items()
                if name not in skip and not name.startswith(ENCODER_PARAMETER_PREFIXES))
@@ -382,7 +383,7 @@ def _work_compile(task: dict) -> dict:
 
     manifest = compile_model(task["checkpoint"], task["target"], Path(task["out"]), max_context=task["max_context"],
                              chunk=task["chunk"], dtype=task["dtype"], quant=task["quant"],
-                             group_size=task["group_size"], log=lambda msg: _log("  " + msg))
+                             disabled_passes=task["disabled"], group_size=task["group_size"], log=lambda msg: _log("  " + msg))
     timings = dict(manifest["timings_s"], iree_compile=manifest["targets"][task["target"]]["compile_s"])
     return {"timings_s": timings, "self_max_rss_bytes": _self_max_rss()}
 

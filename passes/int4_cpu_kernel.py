@@ -75,8 +75,16 @@ def _quantize_and_call(name: str, export: str, m: int, k: int, n: int, elem: str
     kg, s = k // GROUP, superblock(k)
     nb = kg // s
     x_t, y_t = f"!torch.vtensor<[{m},{k}],{elem}>", f"!torch.vtensor<[{m},{n}],{elem}>"
-    widen = "%v = arith.extf %a : {e} to f32".format(e=elem) if elem != "f32" else "%v = arith.addf %a, %zero : f32"
-    narrow = "%yt = arith.truncf %r : f32 to {e}".format(e=elem) if elem != "f32" else "%yt = arith.addf %r, %zero : f32"
+    # bf16/f16 activations widen to f32 in the quantize bodies; the f32 result narrows back after the kernel
+    widen, v = (f"%v = arith.extf %a : {elem} to f32", "%v") if elem != "f32" else ("", "%a")
+    narrow = "" if elem == "f32" else f"""
+    %e2 = tensor.empty() : tensor<{m}x{n}x{elem}>
+    %y = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0, d1)>],
+        iterator_types = ["parallel", "parallel"]}} ins(%yf : tensor<{m}x{n}xf32>) outs(%e2 : tensor<{m}x{n}x{elem}>) {{
+    ^bb0(%r: f32, %o: {elem}):
+      %yt = arith.truncf %r : f32 to {elem}
+      linalg.yield %yt : {elem}
+    }} -> tensor<{m}x{n}x{elem}>"""
     return f"""
   func.func private @{name}(%x: {x_t}, %w: tensor<{n}x{k // 2}xi8>, %s: tensor<{n}x{kg}xf16>) -> {y_t} {{
     %zero = arith.constant 0.0 : f32
@@ -88,7 +96,7 @@ def _quantize_and_call(name: str, export: str, m: int, k: int, n: int, elem: str
         iterator_types = ["parallel", "parallel", "reduction"]}} ins(%xg : tensor<{m}x{kg}x{GROUP}x{elem}>) outs(%z0 : tensor<{m}x{kg}xf32>) {{
     ^bb0(%a: {elem}, %o: f32):
       {widen}
-      %abs = math.absf %v : f32
+      %abs = math.absf {v} : f32
       %mx = arith.maximumf %o, %abs : f32
       linalg.yield %mx : f32
     }} -> tensor<{m}x{kg}xf32>
@@ -111,23 +119,16 @@ def _quantize_and_call(name: str, export: str, m: int, k: int, n: int, elem: str
       %is0 = arith.cmpf oeq, %dd, %zero : f32
       %one = arith.constant 1.0 : f32
       %safe = arith.select %is0, %one, %dd : f32
-      %r = arith.divf %v, %safe : f32
+      %r = arith.divf {v}, %safe : f32
       %rr = math.roundeven %r : f32
       %qi = arith.fptosi %rr : f32 to i8
       linalg.yield %qi : i8
     }} -> tensor<{m}x{nb}x8x{s}x4xi8>
     %xq = tensor.collapse_shape %xq5 [[0], [1, 2, 3, 4]] : tensor<{m}x{nb}x8x{s}x4xi8> into tensor<{m}x{k}xi8>
     %rows = arith.constant {n} : index
-    %y = flow.dispatch @g3n_cpu_kernels::@{export}[%rows](%xq, %d, %w, %s)
-        : (tensor<{m}x{k}xi8>, tensor<{m}x{kg}xf32>, tensor<{n}x{k // 2}xi8>, tensor<{n}x{kg}xf16>) -> tensor<{m}x{n}xf32>
-    %e2 = tensor.empty() : tensor<{m}x{n}x{elem}>
-    %yc = linalg.generic {{indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d0, d1)>],
-        iterator_types = ["parallel", "parallel"]}} ins(%y : tensor<{m}x{n}xf32>) outs(%e2 : tensor<{m}x{n}x{elem}>) {{
-    ^bb0(%r: f32, %o: {elem}):
-      {narrow}
-      linalg.yield %yt : {elem}
-    }} -> tensor<{m}x{n}x{elem}>
-    %out = torch_c.from_builtin_tensor %yc : tensor<{m}x{n}x{elem}> -> {y_t}
+    %yf = flow.dispatch @g3n_cpu_kernels::@{export}[%rows](%xq, %d, %w, %s)
+        : (tensor<{m}x{k}xi8>, tensor<{m}x{kg}xf32>, tensor<{n}x{k // 2}xi8>, tensor<{n}x{kg}xf16>) -> tensor<{m}x{n}xf32>{narrow}
+    %out = torch_c.from_builtin_tensor {"%y" if narrow else "%yf"} : tensor<{m}x{n}x{elem}> -> {y_t}
     return %out : {y_t}
   }}"""
 

@@ -24,18 +24,18 @@ LINEARS = {"layers.0.laurel.linear_right.weight": (48, 64), "layers.0.mlp.down_p
            "layers.0.mlp.up_proj.weight": (24, 544)}
 
 
-def _ir() -> str:
+def _ir(elem: str = "f32") -> str:
     globals_, body, results = [], ["    %i1 = torch.constant.int 1", "    %i0 = torch.constant.int 0",
                                    "    %perm = torch.prim.ListConstruct %i1, %i0 : (!torch.int, !torch.int) -> !torch.list<int>"], []
     for i, (name, (n, k)) in enumerate(LINEARS.items()):
         globals_.append(f'  util.global private @w{i} <inlining_policy = #util.inline.never> = '
-                        f'#stream.parameter.named<"model"::"{name}"> : tensor<{n}x{k}xf32>')
-        body += [f"    %l{i} = util.global.load @w{i} : tensor<{n}x{k}xf32>",
-                 f"    %w{i} = torch_c.from_builtin_tensor %l{i} : tensor<{n}x{k}xf32> -> !torch.vtensor<[{n},{k}],f32>",
-                 f"    %t{i} = torch.aten.permute %w{i}, %perm : !torch.vtensor<[{n},{k}],f32>, !torch.list<int> -> !torch.vtensor<[{k},{n}],f32>",
-                 f"    %y{i} = torch.aten.mm %x{i}, %t{i} : !torch.vtensor<[3,{k}],f32>, !torch.vtensor<[{k},{n}],f32> -> !torch.vtensor<[3,{n}],f32>"]
-        results.append((f"%y{i}", f"!torch.vtensor<[3,{n}],f32>"))
-    args = ", ".join(f"%x{i}: !torch.vtensor<[3,{k}],f32>" for i, (_, k) in enumerate(LINEARS.values()))
+                        f'#stream.parameter.named<"model"::"{name}"> : tensor<{n}x{k}x{elem}>')
+        body += [f"    %l{i} = util.global.load @w{i} : tensor<{n}x{k}x{elem}>",
+                 f"    %w{i} = torch_c.from_builtin_tensor %l{i} : tensor<{n}x{k}x{elem}> -> !torch.vtensor<[{n},{k}],{elem}>",
+                 f"    %t{i} = torch.aten.permute %w{i}, %perm : !torch.vtensor<[{n},{k}],{elem}>, !torch.list<int> -> !torch.vtensor<[{k},{n}],{elem}>",
+                 f"    %y{i} = torch.aten.mm %x{i}, %t{i} : !torch.vtensor<[3,{k}],{elem}>, !torch.vtensor<[{k},{n}],{elem}> -> !torch.vtensor<[3,{n}],{elem}>"]
+        results.append((f"%y{i}", f"!torch.vtensor<[3,{n}],{elem}>"))
+    args = ", ".join(f"%x{i}: !torch.vtensor<[3,{k}],{elem}>" for i, (_, k) in enumerate(LINEARS.values()))
     types = ", ".join(t for _, t in results)
     body.append(f"    return {', '.join(r for r, _ in results)} : {types}")
     return "module {\n" + "\n".join(globals_) + f"\n  func.func @main({args}) -> ({types}) {{\n" + "\n".join(body) + "\n  }\n}\n"
@@ -81,6 +81,17 @@ def test_kernel_pass_structure_and_numerics(tmp_path):
         np.testing.assert_allclose(y, kernel, rtol=1e-4, atol=1e-4 * np.abs(kernel).max())
         # int8 activations cost ~0.4 % of the product's scale (half a step of max|x| / 127 per element)
         assert np.abs(y - exact).max() <= 0.02 * np.abs(exact).max()
+
+
+def test_kernel_pass_with_bf16_activations_compiles():
+    """bf16 activations widen to f32 for quantization and the kernel's f32 result narrows back to bf16
+    (the numerics are the f32 test's: the same kernel on the same int8 values)."""
+    import iree.compiler as ic
+
+    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
+    after, report = run_passes(_ir("bf16"), ctx, [Int4Pack, Int4CpuKernel])
+    assert report[1]["stats"]["rewritten"] == 2 and count(after, "arith.truncf") == 3  # 2 after the kernel, 1 in K = 544's generic code
+    ic.compile_str(after, input_type="torch", extra_args=cpu.compile_flags(quant="int4"))
 
 
 def test_kernel_pass_applies_only_to_cpu_int4_group_32():

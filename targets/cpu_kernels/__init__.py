@@ -1,7 +1,7 @@
 """g3n's int4 x int8 CPU matmul kernels (int4_matmul.c), built with the system C compiler.
 
 The int4-cpu-kernel pass links the object into IREE's CPU executables; tests load the same source as a
-shared library. Objects are cached by (source, compiler, flags) in $G3N_CACHE_DIR or ~/.cache/g3n/kernels.
+shared library. Objects are cached by (source, compiler, flags) in $G3N_CACHE/kernels (default ~/.cache/g3n/kernels).
 The data layouts are described at the top of int4_matmul.c and built by passes/int4_cpu_kernel.py.
 """
 
@@ -66,7 +66,7 @@ def _build(isa: str, kind: str) -> Path:
     flags += ["-shared"] if kind == "so" else ["-c"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("G3N_CACHE_DIR") or Path.home() / ".cache" / "g3n") / "kernels"
+    cache = Path(os.environ.get("G3N_CACHE") or Path.home() / ".cache" / "g3n") / "kernels"
     out = cache / f"int4_matmul-{isa}-{key}.{kind}"
     if out.exists():
         return out

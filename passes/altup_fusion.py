@@ -1,42 +1,216 @@
-"""AltUp fusion: AltUp's router and coefficient matmuls become broadcast-multiply-reduce.
+"""AltUp fusion: AltUp's router, coefficient and stream-mix matmuls become fused reductions.
 
-Matches (in every function) `torch.aten.mm(x [M, n], w [n, N])` and `torch.aten.bmm(a [B, M, n],
-b [B, n, N])` whose contraction size is the AltUp stream count n (`altup_num_inputs`, 4): the
-prediction and correction coefficient linears on the router output ([T, n] x [n, n*n], [T, n] x [n, n])
-and the stream mix of `predict` ([B*T, D, n] x [B*T, n, n]). No other Gemma 3n matmul contracts over n.
-These leave the n-term sum unrolled, `a[..., :, 0, None] * b[..., None, 0, :] + ... (n terms)` as
-`torch.aten.select.int` / `unsqueeze` / `mul.Tensor` / `add.Tensor`: elementwise work only,
-which IREE fuses with the surrounding elementwise ops (tanh, +1, the innovation update) instead of
-forming tiny matmul or reduction dispatches.
+AltUp (per decoder layer; n = `altup_num_inputs` = 4 streams, x [*lead, D] one of them) routes
+    t = tanh(W_router @ (x * pow(mean(x^2) + eps, -0.5) * w_norm * scale))                 [*lead, n]
+and mixes the streams with linears of contraction size n on t:
+    predict  P[j] = H[j] + sum_i H[i] (W_pred @ t)[j*n + i]             (H, P [n, *lead, D]; x = H[active])
+    correct  C[k] = P[k] + (y - P[active]) ((W_corr @ t)[k] + 1)                                  (x = y)
 
-Also matches the modality router, `torch.aten.mm(x [T, D], permute(altup.modality_router.weight, [1, 0]))`
-(D -> n): it leaves `torch.aten.sum.dim_IntList(mul(unsqueeze(x, -1), unsqueeze(w^T, 0)), [-2])`, a
-plain reduction that IREE fuses with the router norm's scaling and the tanh after it. As a matmul it
-would be data-tiled, which costs a dispatch of its own to pack a 1 x D operand for an N = 4 product.
+One-token sites (decode), f32 weights. Matches, in every function, the router
+    tanh(view(mm(view(mul.Scalar(mul(mul(x, pow.Tensor_Scalar(add.Scalar(mean.dim(pow(x, 2), [-1]), eps), -0.5)),
+         w_norm), scale)), permute(altup.modality_router.weight))))
+with x of one token, feeding `mm(view(t), permute(W))` for W
+  * `altup.prediction_coefs.weight`, then view, view, permute [0,1,3,2], expand, view into the rhs of a
+    `bmm` whose lhs is view(expand(permute(H, [1,2,3,0]))), then view, permute [3,0,1,2], `add.Tensor(_, H)`;
+  * `altup.correction_coefs.weight`, then view, `add.Scalar 1`, permute [2,0,1], `unsqueeze`
+    (the `coefs + 1` factor, [n, *lead, 1]).
+Leaves, with r = 0..n, the mask `last` = (r == n) and derived parameters (`layers.i.altup.{router,prediction,
+correction}_folded`) R = [w_norm * W_router; 0] [n+1, D], A = [W_pred as [j, i, r]; I] and B = [W_corr, 1]:
+    s = sum_d where(last, x*x, x * R)                  the norm's sum of squares and the n router dots [1, n+1]
+    tau = tanh(s[r] * pow(s[n] / D + eps, -0.5) * scale), computed at its consumer's full shape
+    P[j] = sum_{i,r} where(last, A[j,i,r] H[i], A[j,i,r] H[i] tau[r])           (r = n: the + H[j] term)
+           over [j, i, 1, D, r], H broadcast in its own layout (IREE does not fuse a transpose of a concat)
+    c[k] = sum_r where(last, B[k,r], B[k,r] tau[r])                (r = n: the + 1), replacing `coefs + 1`
+IREE fuses elementwise producers into a reduction, not into a contraction (a mul-add-only body); the `where`,
+which selects the identity term, keeps these reductions off the contraction path, so s broadcast, pow and tanh
+fuse into the mix: router 1 dispatch, predict 1, correct 1 (plus its consumer): 2 + 2 per layer instead of 4 + 4.
+The mix recomputes pow and tanh per term ((n+1) n per predicted element): negligible for one token, not for a
+prefill chunk, which keeps the forms below. The replaced ops are erased with their `_assert_tensor_metadata` checks.
 
-The same forms avoid IREE's SPIR-V miscompile of a tiny matmul fused into a broadcasting consumer
+Elsewhere (prefill chunks, bf16 weights, where the router input is cast), `torch.aten.mm(x [M, n], w [n, N])` and
+`torch.aten.bmm(a [B, M, n], b [B, n, N])` with contraction size n (the coefficient linears and the stream mix;
+no other Gemma 3n matmul contracts over n) leave the n-term sum unrolled, `a[..., :, 0, None] * b[..., None, 0, :]
++ ...` as `select.int` / `unsqueeze` / `mul.Tensor` / `add.Tensor`: elementwise work IREE fuses with the tanh,
++1 and innovation update around it instead of forming tiny matmul or reduction dispatches. The modality router,
+`mm(x [T, D], permute(altup.modality_router.weight))`, leaves `sum.dim_IntList(mul(unsqueeze(x, -1),
+unsqueeze(w^T, 0)), [-2])`, a plain reduction fused with the norm's scaling and the tanh; as a matmul it would be
+data-tiled, a dispatch of its own to pack a 1 x D operand for an N = 4 product.
+
+These forms also avoid IREE's SPIR-V miscompile of a tiny matmul fused into a broadcasting consumer
 (toolchain notes §2).
 """
 
 from __future__ import annotations
 
-from .ir import Builder, linear_weight, ops, parameters, vtensor
+import math
+from dataclasses import dataclass
+
+import torch
+from iree.compiler import ir
+
+from .ir import (Builder, add_parameter, chain_down, chain_up, constant_float, constant_int, constant_ints,
+                 erase_with_checks, linear_weight, ops, parameters, rms_norm, vtensor)
 from .pipeline import Pass, PassContext
 
 
-def _match(op, n: int) -> bool:
-    if op.name not in ("torch.aten.mm", "torch.aten.bmm"):
-        return False
-    a, b = vtensor(op.operands[0]), vtensor(op.operands[1])
-    return a is not None and b is not None and a[0][-1] == n and b[0][-2] == n
+def _dims(op: ir.Operation) -> list[int] | None:
+    return constant_ints(op.operands[1])
 
 
-def _is_router(op, params: dict) -> bool:
-    name = linear_weight(op, params)
-    return name is not None and name.endswith("altup.modality_router.weight")
+@dataclass
+class Router:
+    x: ir.Value
+    norm_weight: str      # parameter names
+    router_weight: str
+    eps: float
+    scale: float
+    chain: list           # its ops, from the norm to the coefficient linear
+    linear: ir.Operation  # mm(view(t), permute(W)): W a coefficient linear
 
 
-def _rewrite(op, unroll: bool) -> None:
+def _router(mm: ir.Operation, params: dict) -> Router | None:
+    name = linear_weight(mm, params)
+    if name is None or not name.endswith("altup.modality_router.weight"):
+        return None
+    scaled = chain_up(mm.operands[0], "view", "mul.Scalar")
+    norm = scaled and rms_norm(scaled[1].operands[0], params)
+    after = chain_down(mm.result, "view", "tanh")
+    if norm is None or after is None or math.prod(vtensor(norm.x)[0][:-1]) != 1:
+        return None
+    linear = chain_down(after[1].result, "view", "mm")
+    if linear is None:
+        return None
+    return Router(norm.x, norm.weight, name, norm.eps, constant_float(scaled[1].operands[1]),
+                  [*scaled, *norm.ops, mm, *after, *linear], linear[1])
+
+
+def _predict_chain(linear: ir.Operation):
+    """(H, the ops from the coefficient linear to P = add.Tensor(_, H)) for the predict mix, else None."""
+    coefs = chain_down(linear.result, "view", "view", "permute", "expand", "view", "bmm")
+    if coefs is None or _dims(coefs[2]) != [0, 1, 3, 2] or coefs[5].operands[1] != coefs[4].result:
+        return None
+    bmm = coefs[5]
+    streams = chain_up(bmm.operands[0], "view", "expand", "permute")
+    tail = chain_down(bmm.result, "view", "permute", "add.Tensor")
+    if streams is None or tail is None or _dims(streams[2]) != [1, 2, 3, 0] or _dims(tail[1]) != [3, 0, 1, 2]:
+        return None
+    h, add = streams[2].operands[0], tail[2]
+    if add.operands[1] != h or constant_int(add.operands[2]) != 1:
+        return None
+    return h, [*coefs, *streams, *tail]
+
+
+def _correct_chain(linear: ir.Operation):
+    """The ops from the coefficient linear to `unsqueeze(permute(coefs + 1))` [n, *lead, 1], else None."""
+    chain = chain_down(linear.result, "view", "add.Scalar", "permute", "unsqueeze")
+    if chain is None:
+        return None
+    _, plus, perm, unsqueeze = chain
+    rank = len(vtensor(plus.result)[0])
+    if (constant_float(plus.operands[1]) != 1.0 or constant_int(plus.operands[2]) != 1 or
+            _dims(perm) != [rank - 1, *range(rank - 1)] or constant_int(unsqueeze.operands[1]) not in (rank, -1)):
+        return None
+    return chain
+
+
+class _Emitter:
+    """Builds the fused forms of one site before `anchor`; `declare(name, sources, fn, shape)` gives the symbol
+    of derived parameter `name` = fn(*sources), declared once per module."""
+
+    def __init__(self, anchor: ir.Operation, router: Router, n: int, declare):
+        self.build, self.r, self.n, self.declare = Builder(anchor), router, n, declare
+        self.d = vtensor(router.x)[0][-1]
+
+    def param(self, name: str, sources, fn, shape) -> ir.Value:
+        return self.build.parameter(self.declare(name, sources, fn, shape), shape, "f32")
+
+    def last(self) -> ir.Value:
+        return self.build.literal([False] * self.n + [True], "i1")
+
+    def router_sums(self) -> ir.Value:
+        """[1, n+1]: x . (w_norm * W_router[r]) for r < n, then x . x; every term at the full [1, n+1, D]."""
+        b, n, d = self.build, self.n, self.d
+        rows = self.param(self.r.router_weight.replace("modality_router.weight", "router_folded"),
+                          (self.r.router_weight, self.r.norm_weight),
+                          lambda w, g: torch.cat([w.float() * g.float(), torch.zeros(1, w.shape[1])]), (n + 1, d))
+        x = b.aten("expand", [b.view(self.r.x, (1, 1, d)), b.ints([1, n + 1, d]), b.bool(False)], (1, n + 1, d))
+        terms = b.aten("where.self", [b.view(self.last(), (n + 1, 1)), b.aten("mul.Tensor", [x, x], (1, n + 1, d)),
+                                      b.aten("mul.Tensor", [x, rows], (1, n + 1, d))], (1, n + 1, d))
+        return b.aten("sum.dim_IntList", [terms, b.ints([2]), b.bool(False), b.none()], (1, n + 1))
+
+    def mix(self, weighted: ir.Value, dims: list[int]) -> ir.Value:
+        """sum over `dims` of where(last, weighted, weighted * tau) (r the last axis), the router sums broadcast
+        to weighted's shape before any arithmetic, so all of it fuses into the reduction."""
+        b, n = self.build, self.n
+        full = list(vtensor(weighted)[0])
+        s = self.router_sums()
+
+        def spread(v, width):  # [1, width] -> full
+            return b.aten("expand", [b.view(v, [1] * (len(full) - 1) + [width]), b.ints(full), b.bool(False)], full)
+
+        dots = spread(s, n + 1)
+        squares = spread(b.aten("slice.Tensor", [s, b.int(1), b.int(n), b.int(n + 1), b.int(1)], (1, 1)), 1)
+        mean = b.aten("div.Scalar", [squares, b.float(self.d)], full)
+        rsqrt = b.aten("pow.Tensor_Scalar", [b.aten("add.Scalar", [mean, b.float(self.r.eps), b.int(1)], full),
+                                             b.float(-0.5)], full)
+        logits = b.aten("mul.Scalar", [b.aten("mul.Tensor", [dots, rsqrt], full), b.float(self.r.scale)], full)
+        scaled = b.aten("mul.Tensor", [weighted, b.aten("tanh", [logits], full)], full)
+        terms = b.aten("where.self", [self.last(), weighted, scaled], full)
+        return b.aten("sum.dim_IntList", [terms, b.ints(dims), b.bool(False), b.none()],
+                      [size for i, size in enumerate(full) if i not in dims])
+
+    def predict(self, h: ir.Value, w_pred: str) -> ir.Value:
+        """P [n, *lead, D] = sum_{i,r} where(last, A[j,i,r] H[i], A[j,i,r] H[i] tau[r]), at [j, i, 1, D, r]: H
+        broadcast as it is laid out (a transpose of the concatenation that makes H would not fuse)."""
+        b, n, d = self.build, self.n, self.d
+        a = self.param(w_pred.replace("prediction_coefs.weight", "prediction_folded"), (w_pred,),
+                       lambda w: torch.cat([w.float().reshape(n, n, n), torch.eye(n)[..., None]], -1), (n, n, n + 1))
+        weighted = b.aten("mul.Tensor", [b.view(a, (n, n, 1, 1, n + 1)), b.view(h, (1, n, 1, d, 1))],
+                          (n, n, 1, d, n + 1))
+        return b.view(self.mix(weighted, [1, 4]), vtensor(h)[0])
+
+    def correct(self, w_corr: str, shape) -> ir.Value:
+        """`coefs + 1` [n, *lead, 1] = sum_r where(last, B[k,r], B[k,r] tau[r])."""
+        b, n = self.build, self.n
+        coefs = self.param(w_corr.replace("correction_coefs.weight", "correction_folded"), (w_corr,),
+                           lambda w: torch.cat([w.float(), torch.ones(n, 1)], -1), (n, n + 1))
+        weighted = b.aten("expand", [b.view(coefs, (n, 1, n + 1)), b.ints([n, 1, n + 1]), b.bool(False)], (n, 1, n + 1))
+        return b.view(self.mix(weighted, [2]), shape)
+
+
+@dataclass
+class Site:
+    router: Router
+    kind: str                # "predict" | "correct"
+    weight: str              # the coefficient linear's weight
+    chain: list              # ops from the coefficient linear to the value replaced (the last)
+    streams: ir.Value | None  # H, for predict
+
+
+def _match(mm: ir.Operation, params: dict) -> Site | None:
+    router = _router(mm, params)
+    weight = router and linear_weight(router.linear, params)
+    if weight is None:
+        return None
+    if weight.endswith("altup.prediction_coefs.weight") and (found := _predict_chain(router.linear)):
+        return Site(router, "predict", weight, found[1], found[0])
+    if weight.endswith("altup.correction_coefs.weight") and (chain := _correct_chain(router.linear)):
+        return Site(router, "correct", weight, chain, None)
+    return None
+
+
+def _rewrite(site: Site, n: int, declare) -> None:
+    last = site.chain[-1]
+    emit = _Emitter(last, site.router, n, declare)
+    if site.kind == "predict":
+        fused = emit.predict(site.streams, site.weight)
+    else:
+        fused = emit.correct(site.weight, vtensor(last.result)[0])
+    last.result.replace_all_uses_with(fused)
+    erase_with_checks([*site.router.chain, *site.chain])  # so the matmuls the fallback sees are those not fused
+
+
+def _mm_as_sum(op, unroll: bool) -> None:
     a, b = op.operands[0], op.operands[1]
     shape, elem = vtensor(op.result)
     k = vtensor(a)[0][-1]
@@ -60,17 +234,42 @@ def _rewrite(op, unroll: bool) -> None:
     op.erase()
 
 
+def _is_contraction_over(op, n: int) -> bool:
+    if op.name not in ("torch.aten.mm", "torch.aten.bmm"):
+        return False
+    a, b = vtensor(op.operands[0]), vtensor(op.operands[1])
+    return a is not None and b is not None and a[0][-1] == n and b[0][-2] == n
+
+
+def _is_router(op, params: dict) -> bool:
+    name = linear_weight(op, params)
+    return name is not None and name.endswith("altup.modality_router.weight")
+
+
 class AltUpFusion(Pass):
-    """AltUp router and coefficient matmuls as broadcast-multiply-reduce."""
+    """AltUp router, coefficient and stream-mix matmuls as fused reductions."""
 
     name = "altup-fusion"
 
     def run(self, module, ctx: PassContext) -> dict[str, int]:
         n, params = ctx.config.altup_num_inputs, parameters(module)
-        mixes = [op for op in ops(module) if _match(op, n)]
+        symbols = {}
+
+        def declare(name, sources, fn, shape) -> str:
+            if name not in symbols:
+                symbols[name] = add_parameter(module, name, shape, "f32")
+                ctx.derived.add(name, sources, fn)
+            return symbols[name]
+
+        sites = [site for site in map(lambda mm: _match(mm, params), ops(module, "torch.aten.mm")) if site]
+        for site in sites:
+            _rewrite(site, n, declare)
+        mixes = [op for op in ops(module) if _is_contraction_over(op, n)]
         routers = [op for op in ops(module) if _is_router(op, params)]
         for op in mixes:
-            _rewrite(op, unroll=True)
+            _mm_as_sum(op, unroll=True)
         for op in routers:
-            _rewrite(op, unroll=False)
-        return {"matched": len(mixes) + len(routers), "rewritten": len(mixes) + len(routers), "routers": len(routers)}
+            _mm_as_sum(op, unroll=False)
+        fused = {kind: sum(site.kind == kind for site in sites) for kind in ("predict", "correct")}
+        total = len(mixes) + len(routers) + len(sites)
+        return {"matched": total, "rewritten": total, "routers": len(routers), **fused}

@@ -4,10 +4,12 @@ for torch-dialect IR as the FX importer writes it."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from iree.compiler import ir
 
 _VTENSOR = re.compile(r"!torch\.vtensor<\[([0-9,]*)\],(\w+)>")
+ASSERT = "torch.aten._assert_tensor_metadata"
 _PARAM = re.compile(r'#stream\.parameter\.named<"([^"]*)"::"([^"]*)">')
 
 
@@ -38,6 +40,87 @@ def producer(value: ir.Value) -> ir.Operation | None:
     return owner.operation if isinstance(owner, ir.OpView | ir.Operation) else None
 
 
+def users(value: ir.Value) -> list[ir.Operation]:
+    """The ops that compute from `value`: its users but the `torch.aten._assert_tensor_metadata` checks
+    torch.export leaves on many values."""
+    found = [use.owner.operation if isinstance(use.owner, ir.OpView) else use.owner for use in value.uses]
+    return [op for op in found if op.name != ASSERT]
+
+
+def chain_up(value: ir.Value, *names: str) -> list[ir.Operation] | None:
+    """The producers of `value` named `names` (torch.aten.*), each the previous one's first operand, or None."""
+    found = []
+    for name in names:
+        op = producer(value)
+        if op is None or op.name != f"torch.aten.{name}":
+            return None
+        found.append(op)
+        value = op.operands[0]
+    return found
+
+
+def chain_down(value: ir.Value, *names: str) -> list[ir.Operation] | None:
+    """The ops named `names` (torch.aten.*), each the only user (`users`) of the previous one's result, or None."""
+    found = []
+    for name in names:
+        after = users(value)
+        if len(after) != 1 or after[0].name != f"torch.aten.{name}":
+            return None
+        found.append(after[0])
+        value = after[0].result
+    return found
+
+
+@dataclass
+class RMSNorm:
+    x: ir.Value
+    weight: str  # its parameter name
+    eps: float
+    ops: list    # from the weight multiply up to the squaring
+
+
+def rms_norm(value: ir.Value, params: dict) -> RMSNorm | None:
+    """`value` = mul(mul(x, pow.Tensor_Scalar(add.Scalar(mean.dim(pow.Tensor_Scalar(x, 2), [-1], keepdim), eps),
+    -0.5)), w): g3n_compile.model.RMSNorm of an f32 x, w a parameter as loaded or cast to f32 (`.float()` of a
+    bf16 weight, `prims.convert_element_type`)."""
+    scaled = chain_up(value, "mul.Tensor", "mul.Tensor")
+    if scaled is None:
+        return None
+    w = scaled[0].operands[1]
+    cast = producer(w)
+    if cast is not None and cast.name == "torch.prims.convert_element_type":
+        w = cast.operands[0]
+    weight = loaded_parameter(w, params)
+    x = scaled[1].operands[0]
+    rsqrt = chain_up(scaled[1].operands[1], "pow.Tensor_Scalar", "add.Scalar", "mean.dim", "pow.Tensor_Scalar")
+    shape = vtensor(x)
+    if weight is None or rsqrt is None or shape is None or shape[1] != "f32":
+        return None
+    power, add, mean, square = rsqrt
+    if (constant_float(power.operands[1]) != -0.5 or constant_int(add.operands[2]) != 1 or
+            constant_ints(mean.operands[1]) not in ([-1], [len(shape[0]) - 1]) or square.operands[0] != x or
+            constant_int(square.operands[1]) != 2):
+        return None
+    return RMSNorm(x, weight, constant_float(add.operands[1]), [*scaled, *rsqrt])
+
+
+def erase_with_checks(candidates) -> None:
+    """Erase those of `candidates` that only metadata checks still read, with those checks, until none is
+    left to erase (so a chain of them goes whatever its order). Others keep their remaining users."""
+    pending, changed = list(candidates), True
+    while changed:
+        left = []
+        for op in pending:
+            if all(not users(r) for r in op.results):
+                for r in op.results:
+                    for use in list(r.uses):
+                        use.owner.operation.erase()
+                op.erase()
+            else:
+                left.append(op)
+        pending, changed = left, len(left) < len(pending)
+
+
 def vtensor(value_or_type) -> tuple[tuple[int, ...], str] | None:
     """(shape, element type) of a static `!torch.vtensor`, else None."""
     t = value_or_type.type if isinstance(value_or_type, ir.Value) else value_or_type
@@ -60,6 +143,13 @@ def constant_int(value: ir.Value) -> int | None:
     if op is None or op.name != "torch.constant.int":
         return None
     return ir.IntegerAttr(op.attributes["value"]).value
+
+
+def constant_float(value: ir.Value) -> float | None:
+    op = producer(value)
+    if op is None or op.name != "torch.constant.float":
+        return None
+    return ir.FloatAttr(op.attributes["value"]).value
 
 
 def constant_ints(value: ir.Value) -> list[int] | None:
@@ -174,9 +264,27 @@ class Builder:
     def none(self) -> ir.Value:
         return self.op("torch.constant.none", [], [ir.Type.parse("!torch.none")]).result
 
+    def float(self, v: float) -> ir.Value:
+        with self.location:
+            attr = ir.FloatAttr.get(ir.F64Type.get(), v)
+        return self.op("torch.constant.float", [], [ir.Type.parse("!torch.float")], {"value": attr}).result
+
     def ints(self, values) -> ir.Value:
         return self.op("torch.prim.ListConstruct", [self.int(v) for v in values],
                        [ir.Type.parse("!torch.list<int>")]).result
+
+    def literal(self, values, elem: str) -> ir.Value:
+        """A 1-D constant tensor (`elem` i1 takes bools)."""
+        text = ", ".join(str(v).lower() for v in values)
+        with self.location:
+            attr = ir.Attribute.parse(f"dense<[{text}]> : {tensor_type([len(values)], elem)}")
+        return self.op("torch.vtensor.literal", [], [vtensor_type([len(values)], elem)], {"value": attr}).result
+
+    def parameter(self, symbol: str, shape, elem: str) -> ir.Value:
+        """The external parameter global `symbol` as a `!torch.vtensor`."""
+        loaded = self.op("util.global.load", [], [tensor_type(shape, elem)],
+                         {"global": ir.FlatSymbolRefAttr.get(symbol)}).result
+        return self.op("torch_c.from_builtin_tensor", [loaded], [vtensor_type(shape, elem)]).result
 
     def aten(self, name: str, operands, shape, elem: str = "f32") -> ir.Value:
         return self.op(f"torch.aten.{name}", operands, [vtensor_type(shape, elem)]).result

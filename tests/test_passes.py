@@ -105,7 +105,7 @@ def test_laurel_fusion_concatenates_the_layer_input_projections(tmp_path):
     ir_text = _laurel_ir()
     ctx = PassContext(CONFIG, cpu)
     after, report = run_passes(ir_text, ctx, [LaurelFusion])
-    assert report[0]["stats"] == {"matched": 4, "fused_matmuls": 1, "parameters_dropped": 4}
+    assert report[0]["stats"] == {"matched": 4, "fused_matmuls": 1, "merged_post_norms": 0, "parameters_dropped": 4}
     assert count(after, "torch.aten.mm") == 2 and count(after, "torch.aten.slice.Tensor") == 4
     assert "layers.0.attn_laurel_in.weight" in after and "layers.0.self_attn.o_proj.weight" in after
 
@@ -120,6 +120,44 @@ def test_laurel_fusion_concatenates_the_layer_input_projections(tmp_path):
                          {n: source(n) for n in re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', after)})
     for b, f in zip(before, fused):
         np.testing.assert_allclose(f, b, rtol=1e-5, atol=1e-5)
+
+
+class _ResidualLayer(torch.nn.Module):
+    """The decoder layer's residual sum: ((active + post_attention_norm(attn)) + (x + post_laurel_norm(right)))
+    / sqrt(2)."""
+
+    def __init__(self):
+        from g3n_compile.model import RMSNorm
+
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(CONFIG.hidden_size, CONFIG.rms_norm_eps)
+        self.laurel = torch.nn.Module()
+        self.laurel.post_laurel_norm = RMSNorm(CONFIG.hidden_size, CONFIG.rms_norm_eps)
+
+    def forward(self, active, x, attn, right):
+        h = (active + self.post_attention_layernorm(attn)) + (x + self.laurel.post_laurel_norm(right))
+        return h / 2 ** 0.5, h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_laurel_fusion_merges_the_post_norms_sums_of_squares(tmp_path, dtype):
+    """The post-attention and post-LAuReL norms' sums of squares become one where-masked reduction over both
+    inputs, in every function, with f32 or bf16 norm weights; compiled numerics unchanged."""
+    from passes.laurel_fusion import LaurelFusion
+
+    g = torch.Generator().manual_seed(4)
+    d = CONFIG.hidden_size
+    weights = {f"layers.0.{k}.weight": torch.randn(d, generator=g).to(dtype) for k in ("post_attention_layernorm",
+                                                                                     "laurel.post_laurel_norm")}
+    examples = {name: tuple(torch.randn(1, t, d, generator=g) for _ in range(4)) for name, t in (("prefill", 3),
+                                                                                               ("decode", 1))}
+    ir_text = _export_layer(_ResidualLayer().to(dtype), weights, examples)
+    ctx = PassContext(CONFIG, cpu)
+    after, report = run_passes(ir_text, ctx, [LaurelFusion])
+    assert report[0]["stats"] == {"matched": 0, "fused_matmuls": 0, "merged_post_norms": 2}
+    assert count(after, "torch.aten.mean.dim") == 0 and count(after, "torch.aten.sum.dim_IntList") == 2
+    assert count(after, "torch.aten.where.self") == 2
+    _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)
 
 
 def count(text: str, op: str) -> int:
@@ -148,7 +186,7 @@ def run_compiled(mlir: str, tmp_path, inputs, weights: dict | None = None, quant
 def test_altup_fusion_rewrites_only_stream_contractions(tmp_path):
     ctx = PassContext(CONFIG, cpu)  # altup_num_inputs = 4
     after, report = run_passes(ALTUP_IR, ctx, [AltUpFusion])
-    assert report[0]["stats"] == {"matched": 2, "rewritten": 2, "routers": 0}
+    assert report[0]["stats"] == {"matched": 2, "rewritten": 2, "routers": 0, "predict": 0, "correct": 0}
     assert count(after, "torch.aten.bmm") == 0 and count(after, "torch.aten.mm") == 1  # the K=8 mm stays
     # No reduction left: each 4-term sum is four products of selected slices and three adds.
     assert count(after, "torch.aten.sum.dim_IntList") == 0 and count(after, "torch.aten.mul.Tensor") == 8
@@ -160,6 +198,84 @@ def test_altup_fusion_rewrites_only_stream_contractions(tmp_path):
     fused = run_compiled(after, tmp_path, inputs)
     for b, f in zip(before, fused):
         np.testing.assert_allclose(f, b, rtol=1e-5, atol=1e-5)
+
+
+def _export_layer(layer: torch.nn.Module, weights: dict, examples: dict) -> str:
+    """`layer` exported as the model is (torch.export, the FX importer, its weights external parameters named
+    `layers.0.<name>`), one function `<name>_step` per entry `name: example inputs` of `examples`."""
+    from iree.compiler import ir
+    from iree.compiler.extras.fx_importer import FxImporter
+    from torch.export import export
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+
+    from g3n_compile.export import _ExternalParameters
+
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(weights["layers.0." + name])
+    hooks = _ExternalParameters()
+    importer = FxImporter(context=ir.Context(), hooks=hooks)
+    for name, args in examples.items():
+        program = export(layer, args, strict=False).run_decompositions(get_decomposition_table())
+        hooks.names_by_id = {id(v): "layers.0." + k for k, v in program.state_dict.items()}
+        importer.import_frozen_program(program, func_name=f"{name}_step")
+    return str(importer.module)
+
+
+def _compare_compiled(before: str, after: str, tmp_path, ctx, weights: dict, examples: dict) -> None:
+    """Both modules compiled, every function run on `examples` (name: inputs): equal within f32 reassociation."""
+    source = ctx.derived.getter(weights.__getitem__)
+    fused_weights = {n: source(n) for n in re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', after)}
+    for name, inputs in examples.items():
+        inputs = [x.numpy() for x in inputs]
+        want = run_compiled(before, tmp_path, inputs, weights, function=f"{name}_step")
+        got = run_compiled(after, tmp_path, inputs, fused_weights, function=f"{name}_step")
+        for w, a in zip(want, got):
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+
+
+class _AltUpLayer(torch.nn.Module):
+    """g3n_compile.model.AltUp as a decoder layer uses it: predict, an update of the active stream, correct; the
+    streams come out of a concatenation, as from the layer before."""
+
+    def __init__(self):
+        from g3n_compile.model import AltUp
+
+        super().__init__()
+        self.altup = AltUp(CONFIG)
+
+    def forward(self, streams, update):
+        streams = torch.cat([streams[:1], streams[1:] * 0.5])
+        predictions = self.altup.predict(streams)
+        return predictions, self.altup.correct(predictions, predictions[self.altup.active] * 2.0 + update)
+
+
+def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
+    """decode_step: router + predict and router + correct become one masked reduction each (the router's sums)
+    plus the mix; prefill_step keeps the unrolled matmuls. Compiled numerics unchanged (f32 reassociation)."""
+    g = torch.Generator().manual_seed(5)
+    d = CONFIG.hidden_size
+    weights = {f"layers.0.altup.{k}": torch.randn(*shape, generator=g) * scale for k, shape, scale in (
+        ("correct_output_scale", (d,), 1.0), ("correction_coefs.weight", (4, 4), 0.5),
+        ("prediction_coefs.weight", (16, 4), 0.5), ("modality_router.weight", (4, d), 1.0),
+        ("router_norm.weight", (d,), 1.0))}
+    examples = {name: (torch.randn(4, 1, t, d, generator=g), torch.randn(1, t, d, generator=g))
+                for name, t in (("prefill", 3), ("decode", 1))}
+    ir_text = _export_layer(_AltUpLayer(), weights, examples)
+    ctx = PassContext(CONFIG, cpu)
+    after, report = run_passes(ir_text, ctx, [AltUpFusion])
+    # decode: 1 predict + 1 correct site; prefill: 2 coefficient mms + the bmm unrolled, 2 routers as sums.
+    assert report[0]["stats"] == {"matched": 7, "rewritten": 7, "routers": 2, "predict": 1, "correct": 1}
+    decode = after[after.index("func.func @decode_step"):]
+    prefill = after[after.index("func.func @prefill_step"):after.index("func.func @decode_step")]
+    assert count(decode, "torch.aten.mm") == count(decode, "torch.aten.bmm") == count(decode, "torch.aten.mean.dim") == 0
+    # Two router reductions (sum of squares and dots), a predict and a correct reduction, each masked by a where.
+    assert count(decode, "torch.aten.sum.dim_IntList") == count(decode, "torch.aten.where.self") == 4
+    assert count(decode, "torch.aten.tanh") == 2 and count(prefill, "torch.aten.mean.dim") == 2
+    assert count(prefill, "torch.aten.sum.dim_IntList") == 2 and count(prefill, "torch.aten.mm") == 0
+    for name in ("router_folded", "prediction_folded", "correction_folded"):
+        assert f'"layers.0.altup.{name}"' in after
+    _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)  # predictions and corrected streams
 
 
 def test_quantize_roundtrip_and_layout():

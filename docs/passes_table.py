@@ -80,9 +80,10 @@ def main() -> None:
               f"({100 * (base - fused) / base:.0f} % fewer).",
               f"KV cache: the sliding layers' ring buffers ({cfg.sliding_window} slots) are part of the model since #3; "
               f"with every layer at the full 256 positions the cache would be {full_context_kv / 1e6:.2f} MB.",
-              "int4-cpu-kernel adds an activation-quantizing dispatch per distinct matmul input; at hidden size "
-              f"{cfg.hidden_size} the decode step is dispatch-bound, so its gain shows only at real shapes: "
-              "[benchmarks.md](benchmarks.md) (E2B int4 with and without it).", ""]
+              "int4-cpu-kernel adds two small dispatches in front of each int4 matmul (the activations' group "
+              "maxima, a reduction, and their int8 quantization, which reads the maxima broadcast: IREE does not fuse "
+              f"the two); at hidden size {cfg.hidden_size} the decode step is dispatch-bound, so the kernel's gain "
+              "shows only at real shapes: [benchmarks.md](benchmarks.md) (E2B int4 with and without it).", ""]
     (ROOT / "docs" / "passes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -9,7 +9,7 @@ superblocks of min(K/32, 16) groups; other K keep the generic call).
 Leaves `func.call @g3n_q4k_mm_{M}x{K}x{N}_{elem}(x, q4, scales)`, a private function in which
   1. two `linalg.generic`s quantize x per group of 32 to int8 with an f32 scale (llama.cpp's Q8_0:
      d = max|x| / 127, q = round-half-even(x / d)), writing q in the kernel's activation order;
-     IREE forms them into one or two small dispatches, shared by calls on the same x;
+     IREE forms two small dispatches of them (it does not fuse the reduction into a broadcast reader);
   2. a `flow.dispatch` of the hand-written `stream.executable @g3n_cpu_kernels` (one export per shape,
      the N rows split over at most WORKGROUPS workgroups) calls the C kernel, whose object the
      executable carries (`hal.executable.objects`) and IREE links into the module's CPU code;

@@ -35,6 +35,20 @@
       const uint16_t *ws, size_t ws_off, float *y, size_t y_off, size_t M, size_t N, size_t K,     \
       size_t row_begin, size_t row_end
 
+#if !defined(G3N_ISA_avx512vnni)
+/* neg_sum8[s] = -8 * sum of the 32 activations of group s, for the B superblocks of one row. */
+static void group_sums(const int8_t *x, int32_t *neg_sum8, size_t S, size_t B) {
+  for (size_t b = 0; b < B; ++b)
+    for (size_t s = 0; s < S; ++s) {
+      int32_t sum = 0;
+      for (int j = 0; j < 8; ++j)
+        for (int i = 0; i < 4; ++i) sum += x[(b * 8 + j) * 4 * S + 4 * s + i];
+      neg_sum8[b * S + s] = -8 * sum;
+    }
+}
+
+#endif
+
 #if defined(G3N_ISA_avx512vnni)
 #include <immintrin.h>
 
@@ -158,16 +172,6 @@ static inline __attribute__((always_inline)) void row_avx2(
   for (int r = 0; r < MB; ++r) y[r * N] = hsum(acc[r]);
 }
 
-static void group_sums(const int8_t *x, int32_t *neg_sum8, size_t S, size_t B) {
-  for (size_t b = 0; b < B; ++b)
-    for (size_t s = 0; s < S; ++s) {
-      int32_t sum = 0;
-      for (int j = 0; j < 8; ++j)
-        for (int i = 0; i < 4; ++i) sum += x[(b * 8 + j) * 4 * S + 4 * s + i];
-      neg_sum8[b * S + s] = -8 * sum;
-    }
-}
-
 #define ROW(MB) row_avx2(MB, xq + m0 * K, xd + m0 * G, w + n * K / 2, ws + n * G, neg_sum8, y + m0 * N + n, N, G, S, B)
 
 #else /* scalar */
@@ -187,16 +191,6 @@ static float f16_to_f32(uint16_t h) {
   }
   union { uint32_t u; float f; } v = {bits};
   return v.f;
-}
-
-static void group_sums(const int8_t *x, int32_t *neg_sum8, size_t S, size_t B) {
-  for (size_t b = 0; b < B; ++b)
-    for (size_t s = 0; s < S; ++s) {
-      int32_t sum = 0;
-      for (int j = 0; j < 8; ++j)
-        for (int i = 0; i < 4; ++i) sum += x[(b * 8 + j) * 4 * S + 4 * s + i];
-      neg_sum8[b * S + s] = -8 * sum;
-    }
 }
 
 static void row_scalar(int MB, const int8_t *xq, const float *xd, const uint8_t *wrow, const uint16_t *wsrow,

@@ -26,6 +26,10 @@ which selects the identity term, keeps these reductions off the contraction path
 fuse into the mix: router 1 dispatch, predict 1, correct 1 (plus its consumer): 2 + 2 per layer instead of 4 + 4.
 The mix recomputes pow and tanh per term ((n+1) n per predicted element): negligible for one token, not for a
 prefill chunk, which keeps the forms below. The replaced ops are erased with their `_assert_tensor_metadata` checks.
+At those one-token correct sites, where C = innovation * c + P is read as C[active] (the per-layer input's gate)
+and as `cat([C[:1], C[1:] + injected])` (the layer's output), C[active] gets its own mix over its row and the cat
+becomes `where(k != active, C + injected, C)` (`_split_streams`): C then has one reader and fuses into it, and the
+gate's input is packed where it is computed: one dispatch fewer per layer.
 
 Elsewhere (prefill chunks, bf16 weights, where the router input is cast), `torch.aten.mm(x [M, n], w [n, N])` and
 `torch.aten.bmm(a [B, M, n], b [B, n, N])` with contraction size n (the coefficient linears and the stream mix;
@@ -49,7 +53,7 @@ import torch
 from iree.compiler import ir
 
 from .ir import (Builder, add_parameter, chain_down, chain_up, constant_float, constant_int, constant_ints,
-                 erase_with_checks, linear_weight, ops, parameters, rms_norm, vtensor)
+                 erase_with_checks, linear_weight, ops, parameters, producer, rms_norm, users, vtensor)
 from .pipeline import Pass, PassContext
 
 
@@ -119,6 +123,7 @@ class _Emitter:
 
     def __init__(self, anchor: ir.Operation, router: Router, n: int, declare):
         self.build, self.r, self.n, self.declare = Builder(anchor), router, n, declare
+        self.sums = None
         self.d = vtensor(router.x)[0][-1]
 
     def param(self, name: str, sources, fn, shape) -> ir.Value:
@@ -128,7 +133,13 @@ class _Emitter:
         return self.build.literal([False] * self.n + [True], "i1")
 
     def router_sums(self) -> ir.Value:
-        """[1, n+1]: x . (w_norm * W_router[r]) for r < n, then x . x; every term at the full [1, n+1, D]."""
+        """[1, n+1]: x . (w_norm * W_router[r]) for r < n, then x . x; every term at the full [1, n+1, D]. Built
+        once per site."""
+        if self.sums is None:
+            self.sums = self._router_sums()
+        return self.sums
+
+    def _router_sums(self) -> ir.Value:
         b, n, d = self.build, self.n, self.d
         rows = self.param(self.r.router_weight.replace("modality_router.weight", "router_folded"),
                           (self.r.router_weight, self.r.norm_weight),
@@ -169,12 +180,18 @@ class _Emitter:
                           (n, n, 1, d, n + 1))
         return b.view(self.mix(weighted, [1, 4]), vtensor(h)[0])
 
-    def correct(self, w_corr: str, shape) -> ir.Value:
-        """`coefs + 1` [n, *lead, 1] = sum_r where(last, B[k,r], B[k,r] tau[r])."""
+    def correct(self, w_corr: str, shape, row: int | None = None) -> ir.Value:
+        """`coefs + 1` [n, *lead, 1] = sum_r where(last, B[k,r], B[k,r] tau[r]); with `row`, that stream's alone,
+        repeated over D ([*lead, D]: the mix at its consumer's shape, so that the two fuse)."""
         b, n = self.build, self.n
         coefs = self.param(w_corr.replace("correction_coefs.weight", "correction_folded"), (w_corr,),
                            lambda w: torch.cat([w.float(), torch.ones(n, 1)], -1), (n, n + 1))
-        weighted = b.aten("expand", [b.view(coefs, (n, 1, n + 1)), b.ints([n, 1, n + 1]), b.bool(False)], (n, 1, n + 1))
+        k, width = n, 1
+        if row is not None:
+            coefs = b.aten("slice.Tensor", [coefs, b.int(0), b.int(row), b.int(row + 1), b.int(1)], (1, n + 1))
+            k, width = 1, self.d
+        weighted = b.aten("expand", [b.view(coefs, (k, 1, n + 1)), b.ints([k, width, n + 1]), b.bool(False)],
+                          (k, width, n + 1))
         return b.view(self.mix(weighted, [2]), shape)
 
 
@@ -199,7 +216,8 @@ def _match(mm: ir.Operation, params: dict) -> Site | None:
     return None
 
 
-def _rewrite(site: Site, n: int, declare) -> None:
+def _rewrite(site: Site, n: int, declare):
+    """Rewrites `site`; for a correct site, gives (coefs + 1, its emitter) for `_split_streams`."""
     last = site.chain[-1]
     emit = _Emitter(last, site.router, n, declare)
     if site.kind == "predict":
@@ -208,6 +226,61 @@ def _rewrite(site: Site, n: int, declare) -> None:
         fused = emit.correct(site.weight, vtensor(last.result)[0])
     last.result.replace_all_uses_with(fused)
     erase_with_checks([*site.router.chain, *site.chain])  # so the matmuls the fallback sees are those not fused
+    return (fused, emit) if site.kind == "correct" else None
+
+
+def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) -> bool:
+    """C = innovation * coefs + P [n, *lead, D] read as C[active] (the per-layer input's gate) and as
+    cat([C[:1], C[1:] + injected]) (the layer's output): IREE materialises C for its two readers, and the gate's
+    input again to pack it for the matmul. Rewritten: C[active] from its own coefficient (a mix over that row, so
+    no op is shared with C's), and the output as where(k > 0, C + injected, C): C's only reader, which it then fuses
+    into. One dispatch fewer per layer. False (nothing changed) unless the IR has that form, active = 0."""
+    mul = users(coefs)
+    mul = mul[0] if len(mul) == 1 and mul[0].name == "torch.aten.mul.Tensor" else None
+    add = users(mul.result) if mul else []
+    add = add[0] if len(add) == 1 and add[0].name == "torch.aten.add.Tensor" else None
+    if add is None or active != 0:
+        return False
+    shape = vtensor(add.result)[0]
+    readers = users(add.result)
+    picks = [op for op in readers if op.name == "torch.aten.select.int" and constant_int(op.operands[1]) == 0
+             and constant_int(op.operands[2]) == active]
+    heads = [op for op in readers if op.name == "torch.aten.slice.Tensor" and constant_ints_of(op) == [0, 0, 1, 1]]
+    tails = [op for op in readers if op.name == "torch.aten.slice.Tensor" and constant_ints_of(op)[:2] == [0, 1]
+             and constant_ints_of(op)[2] >= shape[0] and constant_int(op.operands[4]) == 1]
+    if len(picks) + len(heads) + len(tails) != len(readers) or len(heads) != 1 or len(tails) != 1 or not picks:
+        return False
+    injections, parts = users(tails[0].result), users(heads[0].result)
+    if len(injections) != 1 or injections[0].name != "torch.aten.add.Tensor" or len(parts) != 1:
+        return False
+    injected, parts = injections[0], parts[0]
+    cat = users(parts.result)
+    if (parts.name != "torch.prim.ListConstruct" or list(parts.operands) != [heads[0].result, injected.result] or
+            len(cat) != 1 or cat[0].name != "torch.aten.cat" or constant_int(cat[0].operands[1]) != 0):
+        return False
+    innovation = chain_up(mul.operands[0], "unsqueeze", "sub.Tensor")
+    if innovation is None or constant_int(innovation[1].operands[2]) != 1:
+        return False
+    y, own = innovation[1].operands[0], innovation[1].operands[1]
+    for pick in picks:
+        b = emit.build = Builder(pick)
+        lead = vtensor(pick.result)[0]
+        coef = emit.correct(w_corr, lead, row=active)
+        # y + -P[active], not y - P[active] (the same value): CSE would share C's and make it a dispatch of its own.
+        step = b.aten("add.Tensor", [y, b.aten("neg", [own], lead), b.int(1)], lead)
+        pick.result.replace_all_uses_with(b.aten("add.Tensor", [b.aten("mul.Tensor", [step, coef], lead), own,
+                                                                b.int(1)], lead))
+    build = Builder(cat[0])
+    later = build.view(build.literal([k != active for k in range(shape[0])], "i1"), [shape[0]] + [1] * (len(shape) - 1))
+    plus = build.aten("add.Tensor", [add.result, injected.operands[1], build.int(1)], shape)
+    cat[0].result.replace_all_uses_with(build.aten("where.self", [later, plus, add.result], shape))
+    erase_with_checks([cat[0], parts, injected, *heads, *tails, *picks])
+    return True
+
+
+def constant_ints_of(op: ir.Operation) -> list[int | None]:
+    """slice.Tensor's (dim, start, end, step) as ints (None where not constant)."""
+    return [constant_int(v) for v in op.operands[1:5]]
 
 
 def _mm_as_sum(op, unroll: bool) -> None:
@@ -262,8 +335,10 @@ class AltUpFusion(Pass):
             return symbols[name]
 
         sites = [site for site in map(lambda mm: _match(mm, params), ops(module, "torch.aten.mm")) if site]
-        for site in sites:
-            _rewrite(site, n, declare)
+        corrected = [(site, _rewrite(site, n, declare)) for site in sites]
+        # After all sites: a split replaces the streams a later layer's predict site reads.
+        split = sum(_split_streams(*found, site.weight, ctx.config.altup_active_idx)
+                    for site, found in corrected if found)
         mixes = [op for op in ops(module) if _is_contraction_over(op, n)]
         routers = [op for op in ops(module) if _is_router(op, params)]
         for op in mixes:
@@ -272,4 +347,4 @@ class AltUpFusion(Pass):
             _mm_as_sum(op, unroll=False)
         fused = {kind: sum(site.kind == kind for site in sites) for kind in ("predict", "correct")}
         total = len(mixes) + len(routers) + len(sites)
-        return {"matched": total, "rewritten": total, "routers": len(routers), **fused}
+        return {"matched": total, "rewritten": total, "routers": len(routers), **fused, "split_streams": split}

@@ -156,7 +156,47 @@ def test_laurel_fusion_merges_the_post_norms_sums_of_squares(tmp_path, dtype):
     after, report = run_passes(ir_text, ctx, [LaurelFusion])
     assert report[0]["stats"] == {"matched": 0, "fused_matmuls": 0, "merged_post_norms": 2}
     assert count(after, "torch.aten.mean.dim") == 0 and count(after, "torch.aten.sum.dim_IntList") == 2
-    assert count(after, "torch.aten.where.self") == 2
+    assert len(re.findall(r"torch\.aten\.sum\.dim_IntList .* -> !torch\.vtensor<\[1,[13],2\],f32>", after)) == 2
+    _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)
+
+
+class _ResidualNormLayer(_ResidualLayer):
+    """As the decoder layer goes on: the pre-feedforward norm of h / sqrt(2), which the residual reads too."""
+
+    def __init__(self):
+        from g3n_compile.model import RMSNorm
+
+        super().__init__()
+        self.pre_feedforward_layernorm = RMSNorm(CONFIG.hidden_size, CONFIG.rms_norm_eps)
+
+    def forward(self, active, x, attn, right):
+        h = ((active + self.post_attention_layernorm(attn)) + (x + self.laurel.post_laurel_norm(right))) / 2 ** 0.5
+        normed = self.pre_feedforward_layernorm(h)
+        return h + torch.tanh(normed), normed
+
+
+def test_laurel_fusion_takes_the_pre_feedforward_norm_into_the_merged_reduction(tmp_path):
+    """With the pre-feedforward norm after h: one 8-row reduction per function gives all three norms' sums of
+    squares (h's from the cross terms), no mean.dim is left, and the residual reads an h of its own (two chains
+    building h, the norm's and the residual's). Compiled numerics unchanged."""
+    from passes.laurel_fusion import ROWS, LaurelFusion
+
+    g = torch.Generator().manual_seed(6)
+    d = CONFIG.hidden_size
+    weights = {f"layers.0.{k}.weight": torch.randn(d, generator=g) for k in ("post_attention_layernorm",
+                                                                          "laurel.post_laurel_norm",
+                                                                          "pre_feedforward_layernorm")}
+    examples = {name: tuple(torch.randn(1, t, d, generator=g) for _ in range(4)) for name, t in (("prefill", 3),
+                                                                                               ("decode", 1))}
+    ir_text = _export_layer(_ResidualNormLayer(), weights, examples)
+    ctx = PassContext(CONFIG, cpu)
+    after, report = run_passes(ir_text, ctx, [LaurelFusion])
+    assert report[0]["stats"] == {"matched": 0, "fused_matmuls": 0, "merged_post_norms": 2}
+    assert count(ir_text, "torch.aten.mean.dim") == 6 and count(after, "torch.aten.mean.dim") == 0
+    rows = len(ROWS)
+    assert len(re.findall(rf"torch\.aten\.sum\.dim_IntList .* -> !torch\.vtensor<\[1,[13],{rows}\],f32>", after)) == 2
+    assert count(after, "torch.aten.sum.dim_IntList") == 2
+    assert count(after, "torch.aten.div.Scalar") > count(ir_text, "torch.aten.div.Scalar")  # h / sqrt(2) twice
     _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)
 
 
@@ -186,7 +226,8 @@ def run_compiled(mlir: str, tmp_path, inputs, weights: dict | None = None, quant
 def test_altup_fusion_rewrites_only_stream_contractions(tmp_path):
     ctx = PassContext(CONFIG, cpu)  # altup_num_inputs = 4
     after, report = run_passes(ALTUP_IR, ctx, [AltUpFusion])
-    assert report[0]["stats"] == {"matched": 2, "rewritten": 2, "routers": 0, "predict": 0, "correct": 0}
+    assert report[0]["stats"] == {"matched": 2, "rewritten": 2, "routers": 0, "predict": 0, "correct": 0,
+                                  "split_streams": 0}
     assert count(after, "torch.aten.bmm") == 0 and count(after, "torch.aten.mm") == 1  # the K=8 mm stays
     # No reduction left: each 4-term sum is four products of selected slices and three adds.
     assert count(after, "torch.aten.sum.dim_IntList") == 0 and count(after, "torch.aten.mul.Tensor") == 8
@@ -265,7 +306,8 @@ def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
     ctx = PassContext(CONFIG, cpu)
     after, report = run_passes(ir_text, ctx, [AltUpFusion])
     # decode: 1 predict + 1 correct site; prefill: 2 coefficient mms + the bmm unrolled, 2 routers as sums.
-    assert report[0]["stats"] == {"matched": 7, "rewritten": 7, "routers": 2, "predict": 1, "correct": 1}
+    assert report[0]["stats"] == {"matched": 7, "rewritten": 7, "routers": 2, "predict": 1, "correct": 1,
+                                  "split_streams": 0}
     decode = after[after.index("func.func @decode_step"):]
     prefill = after[after.index("func.func @prefill_step"):after.index("func.func @decode_step")]
     assert count(decode, "torch.aten.mm") == count(decode, "torch.aten.bmm") == count(decode, "torch.aten.mean.dim") == 0
@@ -276,6 +318,40 @@ def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
     for name in ("router_folded", "prediction_folded", "correction_folded"):
         assert f'"layers.0.altup.{name}"' in after
     _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)  # predictions and corrected streams
+
+
+class _AltUpTailLayer(_AltUpLayer):
+    """The decoder layer's end: the corrected active stream, scaled, makes the per-layer input (here a tanh of
+    it), which is added to every stream but the first."""
+
+    def forward(self, streams, update):
+        predictions = self.altup.predict(streams)
+        corrected = self.altup.correct(predictions, predictions[self.altup.active] * 2.0 + update)
+        first = corrected[self.altup.active] * self.altup.correct_output_scale.float()
+        return torch.cat([corrected[:1], corrected[1:] + torch.tanh(first)], dim=0), first
+
+
+def test_altup_fusion_splits_the_corrected_streams_readers(tmp_path):
+    """decode_step: the corrected active stream gets its own coefficient mix and the output concatenation becomes
+    a where over the stream index, so C has one reader; prefill_step keeps the cat. Compiled numerics unchanged."""
+    g = torch.Generator().manual_seed(7)
+    d = CONFIG.hidden_size
+    weights = {f"layers.0.altup.{k}": torch.randn(*shape, generator=g) * scale for k, shape, scale in (
+        ("correct_output_scale", (d,), 1.0), ("correction_coefs.weight", (4, 4), 0.5),
+        ("prediction_coefs.weight", (16, 4), 0.5), ("modality_router.weight", (4, d), 1.0),
+        ("router_norm.weight", (d,), 1.0))}
+    examples = {name: (torch.randn(4, 1, t, d, generator=g), torch.randn(1, t, d, generator=g))
+                for name, t in (("prefill", 3), ("decode", 1))}
+    ir_text = _export_layer(_AltUpTailLayer(), weights, examples)
+    ctx = PassContext(CONFIG, cpu)
+    after, report = run_passes(ir_text, ctx, [AltUpFusion])
+    assert report[0]["stats"]["split_streams"] == 1 and report[0]["stats"]["correct"] == 1
+    decode = after[after.index("func.func @decode_step"):]
+    prefill = after[after.index("func.func @prefill_step"):after.index("func.func @decode_step")]
+    assert count(decode, "torch.aten.cat") == 0 and count(prefill, "torch.aten.cat") == 1
+    # The correct mix twice: over the n streams and over the active one's row repeated across D.
+    assert count(decode, "torch.aten.tanh") == 3 + 1 and count(decode, "torch.aten.neg") == 1
+    _compare_compiled(ir_text, after, tmp_path, ctx, weights, examples)
 
 
 def test_quantize_roundtrip_and_layout():

@@ -69,7 +69,7 @@ def main() -> None:
     lines = ["# What each pass gains", "",
              f"Measured by `docs/passes_table.py` on {datetime.date.today()} ({platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; speeds are indicative: a decode step here is ~1 ms of small "
-             "dispatches, and repeated runs of one module vary by up to 30 %): the E2B-proportioned random config ({cfg.num_hidden_layers} layers, "
+             f"dispatches, and repeated runs of one module vary by up to 30 %): the E2B-proportioned random config ({cfg.num_hidden_layers} layers, "
              f"hidden {cfg.hidden_size}, f32 checkpoint), CPU target, context 256, prefill chunk 16. "
              "Passes are enabled cumulatively. Dispatches: `flow.dispatch` ops in `decode` after IREE's dispatch "
              "formation, per decoder layer (the embedding, PLE projection and LM head included, divided by the layer count).",

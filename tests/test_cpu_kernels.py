@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not ISAS, reason="no int4 kernel variant for thi
 
 # (M, N, K): odd row counts, one and several superblocks, partial superblocks (K < 512, 3 groups), E4B's
 # 2560 (5 superblocks), and more activation rows than the kernel's block of 4.
-SHAPES = [(1, 37, 512), (3, 50, 1024), (5, 19, 96), (1, 16, 32), (2, 33, 2560), (6, 7, 64), (9, 5, 448)]
+SHAPES = [(1, 37, 512), (3, 50, 1024), (5, 19, 96), (1, 16, 32), (2, 33, 2560), (6, 7, 64), (9, 5, 448),
+          (6, 9, 4608)]  # the last: two row blocks, K in chunks of 2048 + 2048 + 512
 
 
 def _kernel(isa):

@@ -3,7 +3,8 @@
 Matches, per decoder layer i and per function, the `torch.aten.mm(lhs, torch.aten.permute(W, [1, 0]))`
 ops whose W is `layers.i.self_attn.{q,k,v}_proj.weight` or `layers.i.laurel.linear_left.weight`
 (KV-shared layers have only q) and whose lhs are the same value up to `torch.aten.view` /
-`torch.aten._to_copy` (each Linear reshapes, and with bf16 weights casts, the one normed input).
+`torch.aten._to_copy` / `torch.prims.convert_element_type` (each Linear reshapes, and with bf16 weights
+casts, the one normed input).
 
 Leaves one `torch.aten.mm` by the transpose of a new parameter `layers.i.attn_laurel_in.weight`
 (the rows of those weights stacked, built while the archive is written), followed by a
@@ -41,7 +42,7 @@ ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "laurel.lin
 
 def _root(value: ir.Value) -> ir.Value:
     op = producer(value)
-    while op is not None and op.name in ("torch.aten.view", "torch.aten._to_copy"):
+    while op is not None and op.name in ("torch.aten.view", "torch.aten._to_copy", "torch.prims.convert_element_type"):
         value = op.operands[0]
         op = producer(value)
     return value

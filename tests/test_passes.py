@@ -69,34 +69,49 @@ module {
 """
 
 
-def _laurel_ir() -> str:
+def _laurel_ir(cast: bool = False) -> str:
     """Layer 0: q/k/v/LAuReL-left each view the one normed input [1,2,64] (like torch.export writes them);
-    layer 1's o_proj reads something else and must stay alone."""
+    layer 1's o_proj reads something else and must stay alone. With `cast`, bf16 weights and each linear
+    casting its input (`prims.convert_element_type`, one per linear, as torch.export leaves them)."""
+    e = "bf16" if cast else "f32"
     widths = {"self_attn.q_proj": 32, "self_attn.k_proj": 16, "self_attn.v_proj": 16, "laurel.linear_left": 8,
               "self_attn.o_proj": 64}
     lines = []
     for role, n in widths.items():
         sym = role.replace(".", "_")
         lines.append(f'  util.global private @{sym} <inlining_policy = #util.inline.never> = '
-                     f'#stream.parameter.named<"model"::"layers.0.{role}.weight"> : tensor<{n}x64xf32>')
+                     f'#stream.parameter.named<"model"::"layers.0.{role}.weight"> : tensor<{n}x64x{e}>')
     body = ["    %i1 = torch.constant.int 1", "    %i0 = torch.constant.int 0", "    %i2 = torch.constant.int 2",
-            "    %i64 = torch.constant.int 64",
+            "    %i64 = torch.constant.int 64", "    %bf16 = torch.constant.int 15",
             "    %perm = torch.prim.ListConstruct %i1, %i0 : (!torch.int, !torch.int) -> !torch.list<int>",
             "    %flat = torch.prim.ListConstruct %i2, %i64 : (!torch.int, !torch.int) -> !torch.list<int>"]
     results = []
     for role, n in widths.items():
         sym = role.replace(".", "_")
         source = "%y" if role == "self_attn.o_proj" else "%x"
-        body += [f"    %l_{sym} = util.global.load @{sym} : tensor<{n}x64xf32>",
-                 f"    %w_{sym} = torch_c.from_builtin_tensor %l_{sym} : tensor<{n}x64xf32> -> !torch.vtensor<[{n},64],f32>",
-                 f"    %t_{sym} = torch.aten.permute %w_{sym}, %perm : !torch.vtensor<[{n},64],f32>, !torch.list<int> -> !torch.vtensor<[64,{n}],f32>",
-                 f"    %v_{sym} = torch.aten.view {source}, %flat : !torch.vtensor<[1,2,64],f32>, !torch.list<int> -> !torch.vtensor<[2,64],f32>",
-                 f"    %r_{sym} = torch.aten.mm %v_{sym}, %t_{sym} : !torch.vtensor<[2,64],f32>, !torch.vtensor<[64,{n}],f32> -> !torch.vtensor<[2,{n}],f32>"]
-        results.append((f"%r_{sym}", f"!torch.vtensor<[2,{n}],f32>"))
+        if cast:
+            body.append(f"    %c_{sym} = torch.prims.convert_element_type {source}, %bf16 : !torch.vtensor<[1,2,64],f32>, "
+                        f"!torch.int -> !torch.vtensor<[1,2,64],bf16>")
+            source = f"%c_{sym}"
+        body += [f"    %l_{sym} = util.global.load @{sym} : tensor<{n}x64x{e}>",
+                 f"    %w_{sym} = torch_c.from_builtin_tensor %l_{sym} : tensor<{n}x64x{e}> -> !torch.vtensor<[{n},64],{e}>",
+                 f"    %t_{sym} = torch.aten.permute %w_{sym}, %perm : !torch.vtensor<[{n},64],{e}>, !torch.list<int> -> !torch.vtensor<[64,{n}],{e}>",
+                 f"    %v_{sym} = torch.aten.view {source}, %flat : !torch.vtensor<[1,2,64],{e}>, !torch.list<int> -> !torch.vtensor<[2,64],{e}>",
+                 f"    %r_{sym} = torch.aten.mm %v_{sym}, %t_{sym} : !torch.vtensor<[2,64],{e}>, !torch.vtensor<[64,{n}],{e}> -> !torch.vtensor<[2,{n}],{e}>"]
+        results.append((f"%r_{sym}", f"!torch.vtensor<[2,{n}],{e}>"))
     types = ", ".join(t for _, t in results)
     body.append(f"    return {', '.join(r for r, _ in results)} : {types}")
     return ("module {\n" + "\n".join(lines) + "\n  func.func @main(%x: !torch.vtensor<[1,2,64],f32>, "
             f"%y: !torch.vtensor<[1,2,64],f32>) -> ({types}) {{\n" + "\n".join(body) + "\n  }\n}\n")
+
+
+def test_laurel_fusion_concatenates_bf16_linears_that_cast_their_input():
+    """bf16 weights: each linear casts the normed input on its own; the four still become one mm."""
+    from passes.laurel_fusion import LaurelFusion
+
+    after, report = run_passes(_laurel_ir(cast=True), PassContext(CONFIG, cpu), [LaurelFusion])
+    assert report[0]["stats"]["fused_matmuls"] == 1
+    assert count(after, "torch.aten.mm") == 2 and "tensor<72x64xbf16>" in after
 
 
 def test_laurel_fusion_concatenates_the_layer_input_projections(tmp_path):

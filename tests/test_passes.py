@@ -481,6 +481,7 @@ def test_int4_model_end_to_end(tmp_path):
           f"greedy agreement {(got.argmax(-1) == reference.argmax(-1)).mean():.2f}")
 
 
+@pytest.mark.slow  # ~3 min on 2 cores: the E2B-proportioned model compiled twice
 def test_int4_quality_on_the_e2b_proportioned_model(tmp_path):
     """int4 (group 32, with the C kernel's int8 activations on x86-64) against f32 on the E2B-proportioned
     config (branch_scale 0.1: see tests/reference.py):

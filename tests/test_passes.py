@@ -306,10 +306,10 @@ class _AltUpLayer(torch.nn.Module):
         return predictions, self.altup.correct(predictions, predictions[self.altup.active] * 2.0 + update)
 
 
-def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
-    """decode_step: router + predict and router + correct become one masked reduction each (the router's sums)
-    plus the mix; prefill_step keeps the unrolled matmuls. Compiled numerics unchanged (f32 reassociation)."""
-    g = torch.Generator().manual_seed(5)
+def _altup_case(layer: torch.nn.Module, seed: int):
+    """`layer` exported with random AltUp weights for a 3-token prefill and a 1-token decode: (IR, weights,
+    example inputs (streams, update) per function)."""
+    g = torch.Generator().manual_seed(seed)
     d = CONFIG.hidden_size
     weights = {f"layers.0.altup.{k}": torch.randn(*shape, generator=g) * scale for k, shape, scale in (
         ("correct_output_scale", (d,), 1.0), ("correction_coefs.weight", (4, 4), 0.5),
@@ -317,7 +317,13 @@ def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
         ("router_norm.weight", (d,), 1.0))}
     examples = {name: (torch.randn(4, 1, t, d, generator=g), torch.randn(1, t, d, generator=g))
                 for name, t in (("prefill", 3), ("decode", 1))}
-    ir_text = _export_layer(_AltUpLayer(), weights, examples)
+    return _export_layer(layer, weights, examples), weights, examples
+
+
+def test_altup_fusion_fuses_one_token_predict_and_correct(tmp_path):
+    """decode_step: router + predict and router + correct become one masked reduction each (the router's sums)
+    plus the mix; prefill_step keeps the unrolled matmuls. Compiled numerics unchanged (f32 reassociation)."""
+    ir_text, weights, examples = _altup_case(_AltUpLayer(), seed=5)
     ctx = PassContext(CONFIG, cpu)
     after, report = run_passes(ir_text, ctx, [AltUpFusion])
     # decode: 1 predict + 1 correct site; prefill: 2 coefficient mms + the bmm unrolled, 2 routers as sums.
@@ -349,15 +355,7 @@ class _AltUpTailLayer(_AltUpLayer):
 def test_altup_fusion_splits_the_corrected_streams_readers(tmp_path):
     """decode_step: the corrected active stream gets its own coefficient mix and the output concatenation becomes
     a where over the stream index, so C has one reader; prefill_step keeps the cat. Compiled numerics unchanged."""
-    g = torch.Generator().manual_seed(7)
-    d = CONFIG.hidden_size
-    weights = {f"layers.0.altup.{k}": torch.randn(*shape, generator=g) * scale for k, shape, scale in (
-        ("correct_output_scale", (d,), 1.0), ("correction_coefs.weight", (4, 4), 0.5),
-        ("prediction_coefs.weight", (16, 4), 0.5), ("modality_router.weight", (4, d), 1.0),
-        ("router_norm.weight", (d,), 1.0))}
-    examples = {name: (torch.randn(4, 1, t, d, generator=g), torch.randn(1, t, d, generator=g))
-                for name, t in (("prefill", 3), ("decode", 1))}
-    ir_text = _export_layer(_AltUpTailLayer(), weights, examples)
+    ir_text, weights, examples = _altup_case(_AltUpTailLayer(), seed=7)
     ctx = PassContext(CONFIG, cpu)
     after, report = run_passes(ir_text, ctx, [AltUpFusion])
     assert report[0]["stats"]["split_streams"] == 1 and report[0]["stats"]["correct"] == 1

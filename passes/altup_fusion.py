@@ -245,13 +245,14 @@ def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) ->
     readers = users(add.result)
     picks = [op for op in readers if op.name == "torch.aten.select.int" and constant_int(op.operands[1]) == 0
              and constant_int(op.operands[2]) == active]
-    heads = [op for op in readers if op.name == "torch.aten.slice.Tensor" and constant_ints_of(op) == [0, 0, 1, 1]]
-    tails = [op for op in readers if op.name == "torch.aten.slice.Tensor" and constant_ints_of(op)[:2] == [0, 1]
-             and constant_ints_of(op)[2] >= shape[0] and constant_int(op.operands[4]) == 1]
+    heads = [op for op in readers if op.name == "torch.aten.slice.Tensor" and _slice_args(op) == [0, 0, 1, 1]]
+    tails = [op for op in readers if op.name == "torch.aten.slice.Tensor" and _slice_args(op)[:2] == [0, 1]
+             and (_slice_args(op)[2] or 0) >= shape[0] and _slice_args(op)[3] == 1]
     if len(picks) + len(heads) + len(tails) != len(readers) or len(heads) != 1 or len(tails) != 1 or not picks:
         return False
     injections, parts = users(tails[0].result), users(heads[0].result)
-    if len(injections) != 1 or injections[0].name != "torch.aten.add.Tensor" or len(parts) != 1:
+    if (len(injections) != 1 or injections[0].name != "torch.aten.add.Tensor" or len(parts) != 1 or
+            injections[0].operands[0] != tails[0].result or constant_int(injections[0].operands[2]) != 1):
         return False
     injected, parts = injections[0], parts[0]
     cat = users(parts.result)
@@ -278,7 +279,7 @@ def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) ->
     return True
 
 
-def constant_ints_of(op: ir.Operation) -> list[int | None]:
+def _slice_args(op: ir.Operation) -> list[int | None]:
     """slice.Tensor's (dim, start, end, step) as ints (None where not constant)."""
     return [constant_int(v) for v in op.operands[1:5]]
 

@@ -195,11 +195,12 @@ def _merge_post_norms(op, left, right, attn, laurel, after) -> None:
     h = residual()
     if after:
         div, norm = after
-        s1, s2 = rsqrt(total(0), d, attn.eps), rsqrt(total(1), d, laurel.eps)
-        cross = add(mul(s1, total(5), keep), add(mul(s2, total(6), keep), mul(mul(s1, s2, keep), total(7), keep), keep),
-                    keep)
-        square = add(add(add(total(2), mul(mul(s1, s1, keep), total(3), keep), keep),
-                         mul(mul(s2, s2, keep), total(4), keep), keep), add(cross, cross, keep), keep)
+        dot = {f"{x}.{y}": total(k) for k, (x, y) in enumerate(ROWS)}
+        s1, s2 = rsqrt(dot["a.a"], d, attn.eps), rsqrt(dot["l.l"], d, laurel.eps)
+        cross = add(mul(s1, dot["u.v1"], keep), add(mul(s2, dot["u.v2"], keep),
+                                                     mul(mul(s1, s2, keep), dot["v1.v2"], keep), keep), keep)
+        square = add(add(add(dot["u.u"], mul(mul(s1, s1, keep), dot["v1.v1"], keep), keep),
+                         mul(mul(s2, s2, keep), dot["v2.v2"], keep), keep), add(cross, cross, keep), keep)
         c = constant_float(div.operands[1])
         norm.ops[2].result.replace_all_uses_with(rsqrt(square, d * c * c, norm.eps))
         # The layer's residual reads h / c too: from an h of its own, so that h, read by N alone, fuses into it.

@@ -68,7 +68,8 @@ static inline __attribute__((always_inline)) __m512 load_floats(const float *p, 
 }
 
 /* Weight row n against activation rows m0 .. m0 + MB - 1 over superblocks b0 .. b1 - 1 (added to y unless
-   b0 = 0). MB and, for whole superblocks, S are constants after inlining, so every offset below is an immediate and the activation loads fold into vpdpbusd.
+   b0 = 0). MB and, for whole superblocks, S are constants after inlining, so every offset below is an
+   immediate and the activation loads fold into vpdpbusd.
    Each superblock starts fresh integer sums: out-of-order execution overlaps successive superblocks'
    vpdpbusd chains (interleaving 2-4 weight rows instead measured 1.5-2x slower on a K = 2048 matvec, on a
    shared machine: it breaks the sequential stream). The prefetch runs 2 KiB ahead in the row (+15 % on

@@ -68,7 +68,7 @@ def activation_order(x: torch.Tensor) -> torch.Tensor:
 
 def rows_per_workgroup(n: int) -> int:
     """Rows per workgroup: a multiple of 16 giving at most WORKGROUPS of them."""
-    return max(16, -(-n // WORKGROUPS + 15) // 16 * 16)
+    return max(16, (-(-n // WORKGROUPS) + 15) // 16 * 16)
 
 
 def _quantize_and_call(name: str, export: str, m: int, k: int, n: int, elem: str) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from passes.int4_cpu_kernel import activation_order, relayout, supported
+from passes.int4_cpu_kernel import WORKGROUPS, activation_order, relayout, rows_per_workgroup, supported
 from passes.int4_pack import quantize
 from targets.cpu_kernels import build_object, build_shared, host_isas, isa_for, symbol
 
@@ -100,3 +100,10 @@ def test_variant_selection_and_objects_are_self_contained():
         assert obj[:4] == b"\x7fELF"
         undefined = subprocess.run(["nm", "-u", str(build_object(isa))], capture_output=True, text=True, check=True)
         assert undefined.stdout.strip() == "", undefined.stdout
+
+
+@pytest.mark.parametrize("n", [1, 16, 2047, 2048, 2049, 8192, 16384, 262400])
+def test_workgroups_cover_the_rows_in_at_most_the_budget(n):
+    rows = rows_per_workgroup(n)
+    assert rows % 16 == 0 and -(-n // rows) <= WORKGROUPS
+    assert rows == 16 or -(-n // (rows - 16)) > WORKGROUPS  # the smallest such multiple of 16: no coarser than needed

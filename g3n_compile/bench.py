@@ -20,6 +20,8 @@ Gemma3nForCausalLM, same weights, when installed and when it fits in memory). Fo
   same whatever the cache below S holds; transformers' cache grows, so it is prefilled to S (untimed) first;
 - peak RSS and load time; for g3n also module and archive sizes, compile time, compile RAM and a
   per-dispatch profile of one decode step (decode_profile.py).
+With the `int4` variant on the CPU, the int4 kernel is also measured alone (kernel_bench.py): the decode GB/s and
+prefill GOP/s it reaches outside IREE, and the prefill tokens/s those rates allow.
 Roofline: measured bandwidth (bandwidth.py) / bytes one decode token must read = every weight the engine
 holds except the gathered PLE table (the tied embedding counted once, as the LM head) + the K/V entries of
 the S cached positions each layer attends to, in the engine's cache dtype.
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comparison engines, comma-separated: pytorch-eager, transformers, or none "
                         "(default: both)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-dispatch profile of a decode step")
+    p.add_argument("--no-kernel", action="store_true", help="skip measuring the int4 CPU kernel alone "
+                   "(kernel_bench.py: its decode GB/s, prefill GOP/s and the prefill ceiling they set)")
     p.add_argument("--bandwidth-gib", type=float, default=2.0, help="buffer of the bandwidth test (default: 2 GiB)")
     p.add_argument("--work", type=Path, help="where compiled modules are kept (default: <g3n cache>/bench)")
     p.add_argument("--rebuild", action="store_true", help="compile again even if a compiled folder is kept")
@@ -171,6 +175,15 @@ def run(args, baselines: list[str]) -> dict:
 
     results["bandwidth"] = measure_bandwidth(int(args.bandwidth_gib * 2**30))
     _log(f"  {results['bandwidth']['gb_per_s']:.1f} GB/s")
+    if "int4" in args.variants and args.target == "cpu" and not args.no_kernel:
+        from .kernel_bench import KernelBenchError, measure_kernel
+
+        _log("g3n-bench: measuring the int4 CPU kernel alone")
+        try:
+            results["kernel"] = measure_kernel(cfg, args.chunk, log=_log)
+        except KernelBenchError as e:
+            results["kernel"] = {"error": str(e)}
+            _log(f"  skipped: {e}")
     measure = {"prompts": args.prompts, "contexts": args.contexts, "steps": args.decode_tokens,
                "max_context": max_context, "checkpoint": str(folder), "vocab": cfg.vocab_size_per_layer_input}
     work = args.work or cache_root() / "bench"

@@ -87,6 +87,8 @@ def markdown(results: dict) -> str:
             f"({_size(r['peak_anon_bytes'])}) | {_size(sizes.get('vmfb_bytes'))} | {_size(sizes.get('irpa_bytes'))} | "
             f"{compile_cell} | {_size(build['peak_rss_bytes']) if build else '—'} | "
             f"{r['load_average'][0]:.2f} → {r['load_average'][1]:.2f} |")
+    if "kernel" in results:
+        lines += ["", *_kernel(results["kernel"], bw["gb_per_s"], done)]
     for r in done:
         if "profile" in r:
             lines += ["", *_profile(r)]
@@ -97,6 +99,27 @@ def _shape(c: dict) -> str:
     widths = sorted(set(c["intermediate_size"]))
     return (f"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, MLP {'/'.join(map(str, widths))}, "
             f"vocab {c['vocab_size']}")
+
+
+def _kernel(k: dict, bandwidth: float, runs: list[dict]) -> list[str]:
+    lines = ["### The int4 kernel alone (outside IREE)", ""]
+    if "error" in k:
+        return lines + [f"Not measured: {k['error']}"]
+    lines += [f"`{k['isa']}` variant, {k['threads']} threads, rows split as IREE's workgroups split them "
+              "(`g3n_compile/kernel_bench.py`).", "",
+              f"- Decode, one activation row against [{k['decode']['n']} x {k['decode']['k']}]: "
+              f"**{k['decode']['gb_per_s']:.1f} GB/s** of weights, {100 * k['decode']['gb_per_s'] / bandwidth:.0f} % "
+              "of the streaming-read bandwidth above."]
+    peak = k.get("peak_gop_per_s")
+    cells = [f"{p['name']} [{p['n']} x {p['k']}] {p['gop_per_s']:.0f}" for p in k["prefill"]]
+    lines.append(f"- Prefill, {k['chunk']} activation rows, GOP/s: " + "; ".join(cells)
+                 + (f" (`vpdpbusd` alone: {peak:.0f} GOP/s)" if peak else "") + ".")
+    int4 = [r for r in runs if r["engine"] == "g3n" and r["variant"] == "int4"]
+    measured = (f"; g3n int4 measured {max(p['tokens_per_s'] for p in int4[0]['prefill']):.1f} tok/s above"
+                if int4 else "")
+    lines.append(f"- Prefill ceiling: {k['prefill_gop_per_token']:.2f} GOP per token in those linears at those rates "
+                 f"= **{k['prefill_ceiling_tokens_per_s']:.0f} tok/s**, with everything else free{measured}.")
+    return lines
 
 
 def _profile(r: dict) -> list[str]:

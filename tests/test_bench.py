@@ -8,9 +8,11 @@ import math
 import pytest
 
 from g3n_compile.bench import kv_bytes_read, main
-from g3n_compile.bench_report import markers
+from g3n_compile.bench_report import _kernel, markers
 from g3n_compile.config import E2B, E4B
+from g3n_compile.kernel_bench import measure_kernel, prefill_shapes
 from runtime.archive import ArchiveReader
+from targets.cpu_kernels import host_isas
 
 PROMPTS, CONTEXTS, STEPS = [4, 8], [0, 20], 3
 
@@ -108,3 +110,26 @@ def test_bench_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--variants", "int8"])
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_kernel_bench_shapes_are_the_models_int4_linears():
+    # E2B (architecture notes): q 8x256, k/v 2x256 each, LAuReL rank 64, MLP 8192, the last 10 layers KV-shared.
+    assert sorted(prefill_shapes(E2B)) == [("mlp.down", 2048, 8192, 30), ("mlp.gate/up", 8192, 2048, 60),
+                                           ("o", 2048, 2048, 30), ("q/k/v/laurel-left", 3136, 2048, 20),
+                                           ("q/laurel-left (KV-shared layers)", 2112, 2048, 10)]
+
+
+@pytest.mark.skipif(not host_isas(), reason="no int4 kernel variant for this CPU (x86-64 only)")
+def test_kernel_bench_measures_the_linked_kernel():
+    from g3n_compile.tiny_random import CONFIG
+
+    k = measure_kernel(CONFIG, chunk=8, threads=1, log=lambda _: None)
+    shapes = prefill_shapes(CONFIG)
+    assert k["isa"] == host_isas()[0] and [(p["name"], p["n"], p["k"]) for p in k["prefill"]] == [s[:3] for s in shapes]
+    assert k["decode"]["gb_per_s"] > 0 and all(p["gop_per_s"] > 0 for p in k["prefill"])
+    assert k["prefill_gop_per_token"] == pytest.approx(sum(2 * n * kk * c for _, n, kk, c in shapes) / 1e9)
+    seconds = sum(2 * p["n"] * p["k"] * p["calls_per_token"] / (p["gop_per_s"] * 1e9) for p in k["prefill"])
+    assert k["prefill_ceiling_tokens_per_s"] == pytest.approx(1 / seconds)
+    assert ("peak_gop_per_s" in k) == (k["isa"] == "avx512vnni")
+    section = "\n".join(_kernel(k, 10.0, []))
+    assert f"{k['prefill_ceiling_tokens_per_s']:.0f} tok/s" in section and "GB/s** of weights" in section

@@ -8,12 +8,11 @@ without a C compiler, numpy's single-threaded sum stands in and says so (it reac
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
+
+from .c_program import build_c_program
 
 _SOURCE = r"""
 #include <omp.h>
@@ -48,33 +47,17 @@ int main(int argc, char **argv) {
 def measure_bandwidth(nbytes: int = 2 << 30, passes: int = 5) -> dict:
     """{"gb_per_s", "threads", "buffer_bytes", "method"}: the best streaming-read rate over `passes`."""
     gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc:
-        exe = _compiled(gcc)
-        if exe is not None:
-            out = subprocess.run([str(exe), str(nbytes), str(passes)], capture_output=True, text=True, check=True)
-            seconds, threads, _ = out.stdout.split()
-            return {"gb_per_s": nbytes / float(seconds) / 1e9, "threads": int(threads), "buffer_bytes": nbytes,
-                    "method": f"C (gcc -O3 -march=native -fopenmp): sum of uint64 over a {nbytes / 2**30:g} GiB "
-                              f"buffer, {threads} OpenMP threads, best of {passes}"}
+    try:
+        exe = gcc and build_c_program("g3n-bandwidth", _SOURCE, gcc, ["-O3", "-march=native", "-fopenmp"])
+    except subprocess.CalledProcessError:
+        exe = None  # no OpenMP, say: numpy below
+    if exe:
+        out = subprocess.run([str(exe), str(nbytes), str(passes)], capture_output=True, text=True, check=True)
+        seconds, threads, _ = out.stdout.split()
+        return {"gb_per_s": nbytes / float(seconds) / 1e9, "threads": int(threads), "buffer_bytes": nbytes,
+                "method": f"C (gcc -O3 -march=native -fopenmp): sum of uint64 over a {nbytes / 2**30:g} GiB "
+                          f"buffer, {threads} OpenMP threads, best of {passes}"}
     return _numpy_bandwidth(nbytes, passes)
-
-
-def _compiled(gcc: str) -> Path | None:
-    """The measuring program, built once per source and compiler into the temp folder."""
-    key = hashlib.sha256((_SOURCE + gcc).encode()).hexdigest()[:12]
-    exe = Path(tempfile.gettempdir()) / f"g3n-bandwidth-{key}"
-    if exe.is_file():
-        return exe
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "bandwidth.c"
-        src.write_text(_SOURCE)
-        built = Path(tmp) / "bandwidth"
-        result = subprocess.run([gcc, "-O3", "-march=native", "-fopenmp", str(src), "-o", str(built)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            return None
-        shutil.move(built, exe)
-    return exe
 
 
 def _numpy_bandwidth(nbytes: int, passes: int) -> dict:

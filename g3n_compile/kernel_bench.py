@@ -13,12 +13,12 @@ A small C driver linked with the very object IREE links calls the kernel the way
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+from .c_program import build_c_program
 
 _SOURCE = r"""
 #include <pthread.h>
@@ -145,21 +145,11 @@ def _run(exe: Path, *args) -> float:
 
 
 def _driver(isa: str) -> Path:
-    """The driver linked with the kernel object, built once per (source, object) into the temp folder."""
+    """The driver linked with the kernel object IREE links."""
     from targets.cpu_kernels import ISA_FLAGS, build_object, compiler, symbol
 
-    obj = build_object(isa)
-    key = hashlib.sha256(_SOURCE.encode() + obj.read_bytes()).hexdigest()[:12]
-    exe = Path(tempfile.gettempdir()) / f"g3n-kernel-bench-{key}"
-    if exe.is_file():
-        return exe
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "driver.c"
-        src.write_text(_SOURCE)
-        built = Path(tmp) / "driver"
-        done = subprocess.run([compiler(), "-O2", "-pthread", *ISA_FLAGS[isa], f"-DKERNEL={symbol(isa)}", str(src),
-                               str(obj), "-o", str(built)], capture_output=True, text=True)
-        if done.returncode:
-            raise KernelBenchError(f"building the kernel driver failed:\n{done.stderr.strip()}")
-        os.replace(built, exe)
-    return exe
+    try:
+        return build_c_program("g3n-kernel-bench", _SOURCE, compiler(),
+                               ["-O2", "-pthread", *ISA_FLAGS[isa], f"-DKERNEL={symbol(isa)}"], (build_object(isa),))
+    except subprocess.CalledProcessError as e:
+        raise KernelBenchError(f"building the kernel driver failed:\n{e.stderr.strip()}") from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import iree.runtime as rt
 import numpy as np
 
 ARCHIVE_ID = "g3n.archive_id"
@@ -11,8 +12,6 @@ ARCHIVE_ID = "g3n.archive_id"
 
 class ArchiveReader:
     def __init__(self, path: Path):
-        import iree.runtime as rt
-
         self.path = Path(path)
         index = rt.ParameterIndex()
         index.load(str(self.path))

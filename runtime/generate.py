@@ -39,12 +39,12 @@ class LLM:
     def __init__(self, folder: str | Path, device: str | None = None, target: str | None = None):
         self.model = CompiledModel(folder, device=device, target=target)
         m = self.model.manifest
-        tok = m["tokenizer"]
+        tok = m.tokenizer
         has_tokenizer = any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         # Without tokenizer files the model still runs on token ids (text comes back empty).
-        self.tokenizer = Tokenizer(Path(folder), tok["bos_token_id"], tok.get("add_bos_token", True),
-                                   tok.get("chat_template")) if has_tokenizer else None
-        self.stop_ids = set(m["stop_token_ids"])
+        self.tokenizer = Tokenizer(Path(folder), tok.bos_token_id, tok.add_bos_token, tok.chat_template) \
+            if has_tokenizer else None
+        self.stop_ids = set(m.stop_token_ids)
 
     # -- public API ----------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: SamplingParams = GREEDY,
@@ -117,8 +117,8 @@ class LLM:
         if bad:
             raise ModelError(f"token ids out of the vocabulary (0..{m.vocab_size - 1}): {bad[:5]}")
         if len(ids) >= m.max_context:
-            placeholder_ids = {v for k, v in (m.manifest.get("prompt_tokens") or {}).items()
-                               if k in ("image_token_id", "audio_token_id")}
+            tokens = m.manifest.prompt_tokens
+            placeholder_ids = {tokens.image_token_id, tokens.audio_token_id} if tokens else set()
             soft = sum(t in placeholder_ids for t in ids)
             media = f" ({soft} of them image/audio soft tokens)" if soft else ""
             raise ModelError(f"the prompt has {len(ids)} tokens{media} but the module's context is {m.max_context} "

@@ -13,11 +13,12 @@ numpy and Pillow only: no torch at run time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 BILINEAR, BICUBIC = 2, 3  # Pillow's resampling filter numbers, as preprocessor_config.json writes them
 
@@ -49,19 +50,9 @@ class ImagePreprocessing:
                    mean=tuple(d.get("image_mean", (0.5,) * 3)) if normalise else None,
                    std=tuple(d.get("image_std", (0.5,) * 3)) if normalise else None)
 
-    def at_size(self, size: int) -> "ImagePreprocessing":
-        """The same steps at another (square) resolution: 768, 512 or 256 for Gemma 3n."""
-        return replace(self, height=size, width=size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"height": self.height, "width": self.width, "resample": self.resample,
-                "rescale_factor": self.rescale_factor, "mean": self.mean, "std": self.std}
-
 
 def load_image(path: str | Path):
     """The decoded, upright, RGB Pillow image of a file."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -82,8 +73,6 @@ def load_image(path: str | Path):
 
 def to_rgb(image):
     """RGB, with any transparency composited onto white."""
-    from PIL import Image
-
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

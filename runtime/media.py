@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import LogMelSpec, features_from_file, log_mel, pad_to_frames
-from .image import ImagePreprocessing, pixels
-from .module import CompiledModel, ModelError
+from .audio import features_from_file, log_mel, pad_to_frames
+from .image import pixels
+from .module import CompiledModel
 
 IMAGE, AUDIO = "image", "audio"
 ENCODER = {IMAGE: "vision", AUDIO: "audio"}  # media kind -> the encoder (and g3n.json entry) that reads it
@@ -46,10 +46,10 @@ class Placeholders:
 def placeholders(model: CompiledModel, kind: str) -> Placeholders:
     """The folder's placeholders for `kind`; ModelError if it has no encoder for that kind."""
     abi, _ = model.encoder(ENCODER[kind])
-    ids = model.manifest["prompt_tokens"]
-    prefix = "boi" if kind == IMAGE else "boa"
-    return Placeholders(kind, ids[f"{prefix}_token_id"], ids[f"{kind}_token_id"],
-                        ids[f"{'eoi' if kind == IMAGE else 'eoa'}_token_id"], abi["soft_tokens"])
+    ids = model.manifest.prompt_tokens
+    if kind == IMAGE:
+        return Placeholders(kind, ids.boi_token_id, ids.image_token_id, ids.eoi_token_id, abi.soft_tokens)
+    return Placeholders(kind, ids.boa_token_id, ids.audio_token_id, ids.eoa_token_id, abi.soft_tokens)
 
 
 def expand_text(text: str, spec: Placeholders, media: int, id_to_token) -> str:
@@ -84,21 +84,15 @@ def soft_token_starts(ids: list[int], spec: Placeholders, media: int) -> list[in
 def encode_image(model: CompiledModel, image) -> np.ndarray:
     """An image (file or Pillow image) -> its soft tokens [count, hidden]."""
     abi, _ = model.encoder(ENCODER[IMAGE])
-    spec = ImagePreprocessing(**{**abi["preprocessing"], "mean": _tuple(abi["preprocessing"]["mean"]),
-                                 "std": _tuple(abi["preprocessing"]["std"])})
-    return model.encode(ENCODER[IMAGE], pixels(image, spec))
+    return model.encode(ENCODER[IMAGE], pixels(image, abi.preprocessing))
 
 
 def encode_audio(model: CompiledModel, clip) -> np.ndarray:
     """A clip (WAV file, or float samples at the feature extractor's rate) -> its soft tokens [count, hidden]."""
     abi, _ = model.encoder(ENCODER[AUDIO])
-    spec = LogMelSpec(**{k: _tuple(v) if isinstance(v, list) else v for k, v in abi["features"].items()})
+    spec = abi.features
     features, mask = log_mel(np.asarray(clip), spec) if isinstance(clip, np.ndarray) else features_from_file(clip, spec)
-    return model.encode(ENCODER[AUDIO], *pad_to_frames(features, mask, abi["frames"]))
-
-
-def _tuple(value):
-    return None if value is None else tuple(value)
+    return model.encode(ENCODER[AUDIO], *pad_to_frames(features, mask, abi.frames))
 
 
 def prompt_embeddings(model: CompiledModel, ids: list[int], images: list, audios: list

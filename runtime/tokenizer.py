@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
 
 class TokenizerError(RuntimeError):
     pass
@@ -16,15 +20,13 @@ class Tokenizer:
         folder = Path(folder)
         self.bos_token_id, self.add_bos, self.chat_template = bos_token_id, add_bos, chat_template
         if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
-
             self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
             self._encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
             self._decode = lambda ids: self._tok.decode(ids, skip_special_tokens=True)
             self.token_to_id = self._tok.token_to_id
         elif (folder / "tokenizer.model").is_file():
             try:
-                import sentencepiece
+                import sentencepiece  # optional: only for folders without tokenizer.json
             except ImportError:
                 raise TokenizerError(f"{folder} has only tokenizer.model: `pip install sentencepiece` to read it") from None
             self._tok = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
@@ -44,9 +46,6 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; use a plain prompt")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message):
             raise TokenizerError(f"chat template: {message}")
 
@@ -55,10 +54,6 @@ class Tokenizer:
         bos = self.id_to_token(self.bos_token_id)
         return env.from_string(self.chat_template).render(messages=messages, bos_token=bos,
                                                           add_generation_prompt=add_generation_prompt)
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        # The template writes <bos> itself.
-        return self.encode(self.render_chat(messages), add_bos=False)
 
     def id_to_token(self, token_id: int) -> str:
         """The token's text as the vocabulary spells it (special tokens included: `<image_soft_token>`)."""

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Supports:
     dtypes: tuple[str, ...]  # weight dtypes its kernels read and compute correctly
-    int4_generic: str  # where the generic-linalg int4 matmul (notes §3, form E) compiles: "all" M, or "matvec" (M=1)
+    int4_generic: str  # where the generic-linalg int4 matmul (int4-pack's dequantize + grouped contraction) compiles: "all" M, or "matvec" (M=1)
     attention: str  # the attention form it runs
-    int4_kernel: bool = False  # links g3n's int4 x int8 C kernel (targets/cpu_kernels) where the CPU allows
+    int4_kernel: object | None = None  # g3n's int4 x int8 C kernel (targets/int4_kernel), where the target links it
 
     def describe(self) -> str:
         return (f"dtypes {'/'.join(self.dtypes)}; int4 linalg form: {self.int4_generic}; "
-                f"attention: {self.attention}" + ("; int4 x int8 C kernel" if self.int4_kernel else ""))
+                f"attention: {self.attention}" + ("; int4 x int8 C kernel" if self.int4_kernel is not None else ""))

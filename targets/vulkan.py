@@ -1,8 +1,8 @@
 """IREE's Vulkan (SPIR-V) backend: GPUs through their Vulkan driver, or Mesa's llvmpipe software device.
 
 Never IREE's default Vulkan target (`vp_android_baseline_2022`): it declares 32-bit storage and
-arithmetic only, so 8-bit inputs (int4 codes packed in u8) are read wrongly, f16 gives NaN (toolchain
-notes §2) and the model's int64 position arithmetic does not compile (`vector.broadcast` of i64 is
+arithmetic only, so 8-bit inputs (int4 codes packed in u8) are read wrongly (every 4th byte), f16 gives NaN
+and the model's int64 position arithmetic does not compile (`vector.broadcast` of i64 is
 illegal). Replacing only its SPIR-V capabilities (`--iree-vulkan-target-features`) fixes the first two
 but not the third. The default here, `llvmpipe`, describes the device llvmpipe really is; the other
 names are IREE's own GPU descriptions.
@@ -17,7 +17,7 @@ DESCRIPTION = "IREE vulkan-spirv: GPUs through Vulkan; llvmpipe (Mesa's CPU devi
 ARCH_OPTION = "--vulkan-target"
 DEFAULT_ARCH = "llvmpipe"
 ARCHS = ("llvmpipe", "rdna3", "rdna2", "valhall", "ampere", "turing", "adreno")
-# g3n's int4 kernel (form E) compiles for prefill as well as decode here, for llvmpipe and IREE's GPU
+# int4-pack's dequantize + grouped contraction compiles for prefill as well as decode here, for llvmpipe and IREE's GPU
 # names alike, and matches the CPU module on llvmpipe.
 SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)")
 

@@ -2,20 +2,11 @@
 
    y[m, n] = sum_g f16(ws[n, g]) * xd[m, g] * sum_{k in group g} (code(n, k) - 8) * xq[m, k]
 
-   Weights: 4-bit codes, 32 per group (g = k / 32), one f16 scale per group, no zero point.
-   Activations: int8 with one f32 scale per group (llama.cpp's Q8_0), quantized by a preceding dispatch.
-   The layouts serve one idea: a 32-bit lane of a vector holds 4 consecutive k of ONE group, and the 16
-   lanes of a 64-byte vector hold 16 different groups, so `vpdpbusd` leaves each group's dot product in
-   its own lane and the group scales apply with one multiply per 16 groups (no horizontal sums).
-   With G = K/32 groups per row, a row is cut into B superblocks of S = min(G, 16) groups (the pass
-   requires K % 512 == 0 or K < 512, so G % S == 0):
-     w  u8 [N][B][4][S][4]: byte (b, c, s, i) holds code + 8 of k = 32(bS + s) + 4c + i in its low nibble
-                            and of k + 16 in its high nibble;
-     xq s8 [M][B][8][S][4]: element (b, j, s, i) is x at k = 32(bS + s) + 4j + i
-                            (j < 4 pairs with the low nibbles of chunk c = j, j >= 4 with the high ones);
-     ws f16 [N][G], xd f32 [M][G], y f32 [M][N]: natural order.
-   The unsigned codes make w the u8 operand of vpdpbusd; the -8 is applied once per group as
-   -8 * sum(xq) (computed here per call, reused for every row).
+   The operand layouts (weights as unsigned codes + 8 in superblocks of S = min(G, 16) groups, activations
+   as Q8_0 int8 in the matching order) are specified in layout.py, next to the code that writes them; a
+   32-bit lane holds 4 consecutive k of one group, so vpdpbusd leaves each group's dot product in its own
+   lane. The -8 of the unsigned codes is applied once per group as -8 * sum(xq) (computed here per call,
+   reused for every row).
 
    ABI: IREE passes each buffer as (base pointer, offset in elements) and the workgroup's rows
    [row_begin, row_end). Freestanding: no libc, no globals with relocations, no stack protector.

@@ -1,8 +1,7 @@
-"""g3n's int4 x int8 CPU matmul kernels (int4_matmul.c), built with the system C compiler.
+"""Building int4_matmul.c with the system C compiler, one variant per instruction set.
 
-The int4-cpu-kernel pass links the object into IREE's CPU executables; tests load the same source as a
-shared library. Objects are cached by (source, compiler, flags) in $G3N_CACHE/kernels (default ~/.cache/g3n/kernels).
-The data layouts are described at the top of int4_matmul.c and built by passes/int4_cpu_kernel.py.
+IREE links the object into the module's CPU executables (mlir.py); tests load the same source as a shared
+library. Objects are cached by (source, compiler, flags) in $G3N_CACHE/kernels (default ~/.cache/g3n/kernels).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ ISA_FLAGS = {"avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vn
 # An object IREE can link: position independent, no libc calls, no stack protector or unwind tables.
 COMMON_FLAGS = ["-O3", "-std=c11", "-ffreestanding", "-fPIC", "-fno-stack-protector", "-fno-builtin",
                 "-fno-tree-loop-distribute-patterns", "-fno-asynchronous-unwind-tables", "-fno-exceptions"]
-MAX_K = 32768  # MAX_GROUPS * 32 in int4_matmul.c
 
 
 class KernelBuildError(RuntimeError):

@@ -28,20 +28,21 @@ The mix recomputes pow and tanh per term ((n+1) n per predicted element): neglig
 prefill chunk, which keeps the forms below. The replaced ops are erased with their `_assert_tensor_metadata` checks.
 At those one-token correct sites, where C = innovation * c + P is read as C[active] (the per-layer input's gate)
 and as `cat([C[:1], C[1:] + injected])` (the layer's output), C[active] gets its own mix over its row and the cat
-becomes `where(k != active, C + injected, C)` (`_split_streams`): C then has one reader and fuses into it, and the
+becomes `where(k != active, C + injected, C)` (`SplitStreams`): C then has one reader and fuses into it, and the
 gate's input is packed where it is computed: one dispatch fewer per layer.
 
 Elsewhere (prefill chunks, bf16 weights, where the router input is cast), `torch.aten.mm(x [M, n], w [n, N])` and
-`torch.aten.bmm(a [B, M, n], b [B, n, N])` with contraction size n (the coefficient linears and the stream mix;
-no other Gemma 3n matmul contracts over n) leave the n-term sum unrolled, `a[..., :, 0, None] * b[..., None, 0, :]
+`torch.aten.bmm(a [B, M, n], b [B, n, N])` contracting over n, found by their weights (the coefficient linears, and
+the stream mix fed by the prediction coefficients: a small config's LAuReL rank or ring of keys can also be n), leave
+the n-term sum unrolled, `a[..., :, 0, None] * b[..., None, 0, :]
 + ...` as `select.int` / `unsqueeze` / `mul.Tensor` / `add.Tensor`: elementwise work IREE fuses with the tanh,
 +1 and innovation update around it instead of forming tiny matmul or reduction dispatches. The modality router,
 `mm(x [T, D], permute(altup.modality_router.weight))`, leaves `sum.dim_IntList(mul(unsqueeze(x, -1),
 unsqueeze(w^T, 0)), [-2])`, a plain reduction fused with the norm's scaling and the tanh; as a matmul it would be
 data-tiled, a dispatch of its own to pack a 1 x D operand for an N = 4 product.
 
-These forms also avoid IREE's SPIR-V miscompile of a tiny matmul fused into a broadcasting consumer
-(toolchain notes §2).
+These forms also avoid IREE's SPIR-V miscompile of a tiny matmul fused into a broadcasting consumer (tiles of
+[8, 8] over a 4-wide product: only rows 0, 8, 16, ... came out right).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from dataclasses import dataclass
 import torch
 from iree.compiler import ir
 
-from .ir import (Builder, add_parameter, chain_down, chain_up, constant_float, constant_int, constant_ints,
-                 erase_with_checks, linear_weight, ops, parameters, producer, rms_norm, users, vtensor)
+from .ir import (Builder, Pattern, add_parameter, chain_down, chain_up, constant_float, constant_int,
+                 constant_ints, erase_with_checks, linear_weight, ops, parameters, producer, rms_norm, users, vtensor)
 from .pipeline import Pass, PassContext
 
 
@@ -195,52 +196,14 @@ class _Emitter:
         return b.view(self.mix(weighted, [2]), shape)
 
 
-@dataclass
-class Site:
-    router: Router
-    kind: str                # "predict" | "correct"
-    weight: str              # the coefficient linear's weight
-    chain: list              # ops from the coefficient linear to the value replaced (the last)
-    streams: ir.Value | None  # H, for predict
-
-
-def _match(mm: ir.Operation, params: dict) -> Site | None:
-    router = _router(mm, params)
-    weight = router and linear_weight(router.linear, params)
-    if weight is None:
-        return None
-    if weight.endswith("altup.prediction_coefs.weight") and (found := _predict_chain(router.linear)):
-        return Site(router, "predict", weight, found[1], found[0])
-    if weight.endswith("altup.correction_coefs.weight") and (chain := _correct_chain(router.linear)):
-        return Site(router, "correct", weight, chain, None)
-    return None
-
-
-def _rewrite(site: Site, n: int, declare):
-    """Rewrites `site`; for a correct site, gives (coefs + 1, its emitter) for `_split_streams`."""
-    last = site.chain[-1]
-    emit = _Emitter(last, site.router, n, declare)
-    if site.kind == "predict":
-        fused = emit.predict(site.streams, site.weight)
-    else:
-        fused = emit.correct(site.weight, vtensor(last.result)[0])
-    last.result.replace_all_uses_with(fused)
-    erase_with_checks([*site.router.chain, *site.chain])  # so the matmuls the fallback sees are those not fused
-    return (fused, emit) if site.kind == "correct" else None
-
-
-def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) -> bool:
-    """C = innovation * coefs + P [n, *lead, D] read as C[active] (the per-layer input's gate) and as
-    cat([C[:1], C[1:] + injected]) (the layer's output): IREE materialises C for its two readers, and the gate's
-    input again to pack it for the matmul. Rewritten: C[active] from its own coefficient (a mix over that row, so
-    no op is shared with C's), and the output as where(k > 0, C + injected, C): C's only reader, which it then fuses
-    into. One dispatch fewer per layer. False (nothing changed) unless the IR has that form, active = 0."""
+def _split_site(coefs: ir.Value, active: int):
+    """The ops of `SplitStreams`' form around fused `coefs`, or None (nothing changed) unless the IR has it."""
     mul = users(coefs)
     mul = mul[0] if len(mul) == 1 and mul[0].name == "torch.aten.mul.Tensor" else None
     add = users(mul.result) if mul else []
     add = add[0] if len(add) == 1 and add[0].name == "torch.aten.add.Tensor" else None
     if add is None or active != 0:
-        return False
+        return None
     shape = vtensor(add.result)[0]
     readers = users(add.result)
     picks = [op for op in readers if op.name == "torch.aten.select.int" and constant_int(op.operands[1]) == 0
@@ -249,20 +212,25 @@ def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) ->
     tails = [op for op in readers if op.name == "torch.aten.slice.Tensor" and _slice_args(op)[:2] == [0, 1]
              and (_slice_args(op)[2] or 0) >= shape[0] and _slice_args(op)[3] == 1]
     if len(picks) + len(heads) + len(tails) != len(readers) or len(heads) != 1 or len(tails) != 1 or not picks:
-        return False
+        return None
     injections, parts = users(tails[0].result), users(heads[0].result)
     if (len(injections) != 1 or injections[0].name != "torch.aten.add.Tensor" or len(parts) != 1 or
             injections[0].operands[0] != tails[0].result or constant_int(injections[0].operands[2]) != 1):
-        return False
+        return None
     injected, parts = injections[0], parts[0]
     cat = users(parts.result)
     if (parts.name != "torch.prim.ListConstruct" or list(parts.operands) != [heads[0].result, injected.result] or
             len(cat) != 1 or cat[0].name != "torch.aten.cat" or constant_int(cat[0].operands[1]) != 0):
-        return False
+        return None
     innovation = chain_up(mul.operands[0], "unsqueeze", "sub.Tensor")
     if innovation is None or constant_int(innovation[1].operands[2]) != 1:
-        return False
+        return None
     y, own = innovation[1].operands[0], innovation[1].operands[1]
+    return add, shape, picks, heads, tails, injected, parts, cat, y, own
+
+
+def _split(found, emit: _Emitter, w_corr: str, active: int) -> None:
+    add, shape, picks, heads, tails, injected, parts, cat, y, own = found
     for pick in picks:
         b = emit.build = Builder(pick)
         lead = vtensor(pick.result)[0]
@@ -276,7 +244,6 @@ def _split_streams(coefs: ir.Value, emit: _Emitter, w_corr: str, active: int) ->
     plus = build.aten("add.Tensor", [add.result, injected.operands[1], build.int(1)], shape)
     cat[0].result.replace_all_uses_with(build.aten("where.self", [later, plus, add.result], shape))
     erase_with_checks([cat[0], parts, injected, *heads, *tails, *picks])
-    return True
 
 
 def _slice_args(op: ir.Operation) -> list[int | None]:
@@ -308,16 +275,155 @@ def _mm_as_sum(op, unroll: bool) -> None:
     op.erase()
 
 
-def _is_contraction_over(op, n: int) -> bool:
-    if op.name not in ("torch.aten.mm", "torch.aten.bmm"):
-        return False
-    a, b = vtensor(op.operands[0]), vtensor(op.operands[1])
-    return a is not None and b is not None and a[0][-1] == n and b[0][-2] == n
+class _FoldedParameters:
+    """The derived parameters the one-token forms read (`layers.i.altup.{router,prediction,correction}_folded`),
+    each declared once per module and computed while the archive is written; shared by the patterns of one run."""
+
+    def __init__(self):
+        self.module, self.symbols = None, {}
+
+    def bind(self, module) -> dict:
+        """Use `module`; returns its parameters (global symbol -> archive name)."""
+        self.module = module
+        return parameters(module)
+
+    def declare(self, ctx, name: str, sources, fn, shape) -> str:
+        if name not in self.symbols:
+            self.symbols[name] = add_parameter(self.module, name, shape, "f32")
+            ctx.derived.add(name, sources, fn)
+        return self.symbols[name]
 
 
-def _is_router(op, params: dict) -> bool:
-    name = linear_weight(op, params)
-    return name is not None and name.endswith("altup.modality_router.weight")
+class OneTokenPredict(Pattern):
+    """Router + predict of one token: one masked reduction for the router's sums, one for the stream mix."""
+
+    name = "one-token-predict"
+
+    def __init__(self, folded: _FoldedParameters):
+        self.folded = folded
+
+    def candidates(self, module) -> list:
+        self.params = self.folded.bind(module)
+        return ops(module, "torch.aten.mm")
+
+    def match(self, mm, ctx):
+        router = _router(mm, self.params)
+        weight = router and linear_weight(router.linear, self.params)
+        if weight is None or not weight.endswith("altup.prediction_coefs.weight"):
+            return None
+        found = _predict_chain(router.linear)
+        return (router, weight, *found) if found else None
+
+    def rewrite(self, site, ctx) -> None:
+        router, weight, streams, chain = site
+        emit = _Emitter(chain[-1], router, ctx.config.altup_num_inputs,
+                        lambda *a: self.folded.declare(ctx, *a))
+        chain[-1].result.replace_all_uses_with(emit.predict(streams, weight))
+        erase_with_checks([*router.chain, *chain])  # so the matmuls later patterns see are those not fused
+
+
+class OneTokenCorrect(Pattern):
+    """Router + correct of one token: `coefs + 1` as one masked reduction over the router's sums. Keeps, for
+    `SplitStreams`, each fused `coefs + 1` with the emitter that built it."""
+
+    name = "one-token-correct"
+
+    def __init__(self, folded: _FoldedParameters):
+        self.folded, self.fused = folded, []
+
+    def candidates(self, module) -> list:
+        self.params = self.folded.bind(module)
+        return ops(module, "torch.aten.mm")
+
+    def match(self, mm, ctx):
+        router = _router(mm, self.params)
+        weight = router and linear_weight(router.linear, self.params)
+        if weight is None or not weight.endswith("altup.correction_coefs.weight"):
+            return None
+        chain = _correct_chain(router.linear)
+        return (router, weight, chain) if chain else None
+
+    def rewrite(self, site, ctx) -> None:
+        router, weight, chain = site
+        emit = _Emitter(chain[-1], router, ctx.config.altup_num_inputs,
+                        lambda *a: self.folded.declare(ctx, *a))
+        coefs = emit.correct(weight, vtensor(chain[-1].result)[0])
+        chain[-1].result.replace_all_uses_with(coefs)
+        erase_with_checks([*router.chain, *chain])
+        self.fused.append((coefs, emit, weight))
+
+
+class SplitStreams(Pattern):
+    """At a one-token correct site, C = innovation * coefs + P [n, *lead, D] read as C[active] (the per-layer
+    input's gate) and as cat([C[:1], C[1:] + injected]) (the layer's output): IREE materialises C for its two
+    readers, and the gate's input again to pack it for the matmul. Rewritten: C[active] from its own coefficient
+    (a mix over that row, so no op is shared with C's), and the output as where(k > 0, C + injected, C): C's only
+    reader, which it then fuses into. One dispatch fewer per layer. Needs active = 0. Runs after all predict
+    sites: a split replaces the streams a later layer's predict site reads."""
+
+    name = "split-streams"
+
+    def __init__(self, correct: OneTokenCorrect):
+        self.correct = correct
+
+    def candidates(self, module) -> list:
+        return self.correct.fused
+
+    def match(self, fused, ctx):
+        coefs, emit, weight = fused
+        found = _split_site(coefs, ctx.config.altup_active_idx)
+        return (found, emit, weight) if found else None
+
+    def rewrite(self, site, ctx) -> None:
+        found, emit, weight = site
+        _split(found, emit, weight, ctx.config.altup_active_idx)
+
+
+class StreamMix(Pattern):
+    """`mm(x [M, n], w [n, N])` / `bmm(a [B, M, n], b [B, n, N])` contracting over the n streams (the coefficient
+    linears and the stream mix where the one-token forms do not apply): the n-term sum unrolled into elementwise
+    products and adds."""
+
+    name = "stream-mix"
+    COEFFICIENTS = ("altup.prediction_coefs.weight", "altup.correction_coefs.weight")
+    RESHAPES = ("torch.aten.view", "torch.aten.expand", "torch.aten.permute", "torch.prims.convert_element_type")
+
+    def candidates(self, module) -> list:
+        self.params = parameters(module)
+        return ops(module, "torch.aten.mm") + ops(module, "torch.aten.bmm")
+
+    def match(self, op, ctx):
+        # By the weights, not by the contraction size alone: a small config's LAuReL rank or ring of keys can be n.
+        if op.name == "torch.aten.mm":
+            name = linear_weight(op, self.params)
+            return op if name is not None and name.endswith(self.COEFFICIENTS) else None
+        source = producer(op.operands[1])  # the mix's coefficients: the prediction linear, reshaped (and cast)
+        while source is not None and source.name in self.RESHAPES:
+            source = producer(source.operands[0])
+        name = source is not None and source.name == "torch.aten.mm" and linear_weight(source, self.params)
+        return op if name and name.endswith(self.COEFFICIENTS[0]) else None
+
+    def rewrite(self, op, ctx) -> None:
+        _mm_as_sum(op, unroll=True)
+
+
+class RouterReduction(Pattern):
+    """`mm(x [T, D], permute(altup.modality_router.weight))` where the one-token forms do not apply: a
+    multiply-reduce, fused with the norm's scaling and the tanh (as a matmul it would be data-tiled: a dispatch of
+    its own to pack a 1 x D operand for an N = 4 product)."""
+
+    name = "router-reduction"
+
+    def candidates(self, module) -> list:
+        self.params = parameters(module)
+        return ops(module, "torch.aten.mm")
+
+    def match(self, op, ctx):
+        name = linear_weight(op, self.params)
+        return op if name is not None and name.endswith("altup.modality_router.weight") else None
+
+    def rewrite(self, op, ctx) -> None:
+        _mm_as_sum(op, unroll=False)
 
 
 class AltUpFusion(Pass):
@@ -325,27 +431,18 @@ class AltUpFusion(Pass):
 
     name = "altup-fusion"
 
-    def run(self, module, ctx: PassContext) -> dict[str, int]:
-        n, params = ctx.config.altup_num_inputs, parameters(module)
-        symbols = {}
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        folded = _FoldedParameters()
+        correct = OneTokenCorrect(folded)
+        return [OneTokenPredict(folded), correct, SplitStreams(correct), StreamMix(), RouterReduction()]
 
-        def declare(name, sources, fn, shape) -> str:
-            if name not in symbols:
-                symbols[name] = add_parameter(module, name, shape, "f32")
-                ctx.derived.add(name, sources, fn)
-            return symbols[name]
-
-        sites = [site for site in map(lambda mm: _match(mm, params), ops(module, "torch.aten.mm")) if site]
-        corrected = [(site, _rewrite(site, n, declare)) for site in sites]
-        # After all sites: a split replaces the streams a later layer's predict site reads.
-        split = sum(_split_streams(*found, site.weight, ctx.config.altup_active_idx)
-                    for site, found in corrected if found)
-        mixes = [op for op in ops(module) if _is_contraction_over(op, n)]
-        routers = [op for op in ops(module) if _is_router(op, params)]
-        for op in mixes:
-            _mm_as_sum(op, unroll=True)
-        for op in routers:
-            _mm_as_sum(op, unroll=False)
-        fused = {kind: sum(site.kind == kind for site in sites) for kind in ("predict", "correct")}
-        total = len(mixes) + len(routers) + len(sites)
-        return {"matched": total, "rewritten": total, "routers": len(routers), **fused, "split_streams": split}
+    def expected(self, ctx: PassContext) -> dict[str, int]:
+        """Per layer: in each one-token function with f32 weights (bf16 linears cast the router's input, which the
+        one-token forms do not take), one predict, one correct and one split (active stream 0); in every other
+        function the three coefficient/mix contractions and the two routers."""
+        layers = ctx.config.num_hidden_layers
+        fused = len(ctx.one_token_functions()) if ctx.weight_dtype == "float32" else 0
+        other = len(ctx.functions) - fused
+        return {"one-token-predict": layers * fused, "one-token-correct": layers * fused,
+                "split-streams": layers * fused if ctx.config.altup_active_idx == 0 else 0,
+                "stream-mix": 3 * layers * other, "router-reduction": 2 * layers * other}

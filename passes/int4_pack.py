@@ -5,10 +5,11 @@ named like a quantisable linear (attention q/k/v/o, MLP gate/up/down, LAuReL (fu
 per-layer projections, and the LM head tied to the token embedding; see QUANTIZED) and K is a
 multiple of the group size G.
 
-Leaves `func.call @g3n_int4_mm_...(x, codes, scales)`, a private function in "form E" (toolchain
-notes §3): `iree_tensor_ext.bitcast` of the i8 codes [N, K/2] to i4 [N, K], a dequant
-`linalg.generic` (sign-extend, times the f16 group scale) and a grouped-contraction `linalg.generic`
-over [M, K/G, G] accumulating in f32, which IREE fuses into one dispatch. The archive gains
+Leaves `func.call @g3n_int4_mm_...(x, codes, scales)` (pattern `int4-linear`), a private function of
+`iree_tensor_ext.bitcast` of the i8 codes [N, K/2] to i4 [N, K], a dequant `linalg.generic` (sign-extend,
+times the f16 group scale) and a grouped-contraction `linalg.generic` over [M, K/G, G] accumulating in f32,
+which IREE fuses into one dispatch (on GPUs; two on the CPU). The i4 bitcast is what lets IREE fuse the
+dequantisation into the contraction; plain ATen unpacking would materialise the dequantised weight. The archive gains
 `W.int4` (i8 [N, K/2], two codes per byte, low nibble = even k) and `W.int4_scale` (f16 [N, K/G]);
 W itself is dropped when nothing else reads it. 0.5625 bytes per weight at G = 32.
 
@@ -31,7 +32,7 @@ import re
 import torch
 from iree.compiler import ir
 
-from .ir import add_parameter, linear_weight, ops, parameters, tensor_type, vtensor
+from .ir import Pattern, add_parameter, apply_patterns, linear_weight, ops, parameters, tensor_type, vtensor
 from .pipeline import Pass, PassContext
 
 QUANTIZED = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|laurel\.linear_(left|right)"
@@ -39,14 +40,23 @@ QUANTIZED = re.compile(r"(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|dow
                        r"|per_layer_model_projection|embed_tokens)\.weight")
 
 
-def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes packed two per byte as int8 [N, K/2], f16 scales [N, K/G]) for weight w [N, K]."""
+LAYOUT = "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"
+
+
+def quantize_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed codes int8 [N, K] in -8..7, f16 scales [N, K/G]) for weight w [N, K]."""
     n, k = w.shape
     groups = w.float().reshape(n, k // group, group)
     extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
     scale = (extreme / -8).to(torch.float16)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     codes = torch.clamp(torch.round(groups / safe[..., None]), -8, 7).to(torch.int8).reshape(n, k)
+    return codes, scale
+
+
+def quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes packed two per byte as int8 [N, K/2], f16 scales [N, K/G]) for weight w [N, K]: `LAYOUT`."""
+    codes, scale = quantize_codes(w, group)
     nibbles = codes.view(torch.uint8) & 0xF
     packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     return packed.view(torch.int8), scale
@@ -109,17 +119,70 @@ def _kernel(name: str, m: int, k: int, n: int, g: int, elem: str) -> str:
   }}"""
 
 
-def _match(op, params: dict, group: int) -> str | None:
-    """The parameter name if `op` is a linear layer by a quantisable weight whose width G divides."""
-    name = linear_weight(op, params)
-    if name is None or not QUANTIZED.fullmatch(name):
-        return None
-    k = vtensor(op.operands[0])[0][1]
-    return name if k % group == 0 and k % 2 == 0 else None
+class QuantizedLinear(Pattern):
+    """`mm(x [M, K], permute(W))` by a quantisable weight W whose K the group size divides: a call of the int4
+    kernel for its shape, reading `W.int4` and `W.int4_scale`."""
+
+    name = "int4-linear"
+
+    def __init__(self):
+        self.kernels, self.globals = set(), {}
+
+    def candidates(self, module) -> list:
+        self.module, self.params = module, parameters(module)
+        return ops(module, "torch.aten.mm")
+
+    def match(self, op, ctx):
+        name = linear_weight(op, self.params)
+        if name is None or not QUANTIZED.fullmatch(name):
+            return None
+        k = vtensor(op.operands[0])[0][1]
+        return (op, name) if k % ctx.group_size == 0 and k % 2 == 0 else None
+
+    def rewrite(self, site, ctx) -> None:
+        op, name = site
+        g = ctx.group_size
+        (m, k), elem = vtensor(op.operands[0])
+        n = vtensor(op.result)[0][1]
+        kernel = f"g3n_int4_mm_{m}x{k}x{n}_g{g}_{elem}"
+        if kernel not in self.kernels:
+            # Parse the kernel as a module of its own, then move its function into ours.
+            kernel_module = ir.Module.parse("module {" + _kernel(kernel, m, k, n, g, elem) + "}")
+            for f in list(kernel_module.body.operations):
+                f.operation.detach_from_parent()
+                self.module.body.append(f.operation)
+            self.kernels.add(kernel)
+        if name not in self.globals:
+            codes = add_parameter(self.module, f"{name}.int4", (n, k // 2), "i8")
+            scales = add_parameter(self.module, f"{name}.int4_scale", (n, k // g), "f16")
+            ctx.derived.add_many((f"{name}.int4", f"{name}.int4_scale"), (name,), lambda w: quantize(w, g))
+            self.globals[name] = codes, scales
+        codes_sym, scale_sym = self.globals[name]
+        with op.location, ir.InsertionPoint(op):
+            codes = _load(codes_sym, tensor_type((n, k // 2), "i8"))
+            scales = _load(scale_sym, tensor_type((n, k // g), "f16"))
+            call = ir.Operation.create("func.call", results=[op.result.type], operands=[op.operands[0], codes, scales],
+                                       attributes={"callee": ir.FlatSymbolRefAttr.get(kernel)})
+        op.result.replace_all_uses_with(call.result)
+        op.erase()
+
+
+def linear_depths(ctx: PassContext) -> list[int]:
+    """K of every quantisable linear a function of the model computes, as the module has them when int4-pack runs
+    (q/k/v and LAuReL's left projection as one matmul when laurel-fusion ran)."""
+    c = ctx.config
+    d = c.hidden_size
+    depths = [d] * (1 + 2 * (c.altup_num_inputs - 1) + 1)  # per-layer model projection, AltUp (un)embed, LM head
+    for layer in range(c.num_hidden_layers):
+        inputs = 1 if "laurel-fusion" in ctx.enabled else (4 if c.kv_source(layer) == layer else 2)
+        depths += [d] * inputs + [c.num_attention_heads * c.head_dim]           # q/k/v/LAuReL-left, o
+        depths += [d, d, c.intermediate_size[layer], c.laurel_rank]               # gate, up, down, LAuReL right
+        depths += [d, c.hidden_size_per_layer_input]                             # per-layer input gate, projection
+    return depths
 
 
 class Int4Pack(Pass):
-    """Linear weights as group-wise int4 with f16 scales; dequant fused into the matmul (form E)."""
+    """Linear weights as group-wise int4 with f16 scales; dequant fused into the matmul."""
 
     name = "int4-pack"
     after = ("altup-fusion", "laurel-fusion")
@@ -128,42 +191,18 @@ class Int4Pack(Pass):
     def applies(cls, ctx: PassContext) -> bool:
         return ctx.quant == "int4"
 
-    def run(self, module, ctx: PassContext) -> dict[str, int]:
-        g = ctx.group_size
-        params = parameters(module)
-        sites = [(op, hit) for op in ops(module) if (hit := _match(op, params, g))]
-        kernels, globals_ = set(), {}
-        body = module.body
-        for op, name in sites:
-            (m, k), elem = vtensor(op.operands[0])
-            n = vtensor(op.result)[0][1]
-            kernel = f"g3n_int4_mm_{m}x{k}x{n}_g{g}_{elem}"
-            if kernel not in kernels:
-                # Parse the kernel as a module of its own, then move its function into ours.
-                kernel_module = ir.Module.parse("module {" + _kernel(kernel, m, k, n, g, elem) + "}")
-                for f in list(kernel_module.body.operations):
-                    f.operation.detach_from_parent()
-                    body.append(f.operation)
-                kernels.add(kernel)
-            if name not in globals_:
-                globals_[name] = self._add_globals(module, name, n, k, g, ctx)
-            codes_sym, scale_sym = globals_[name]
-            with op.location, ir.InsertionPoint(op):
-                codes = _load(codes_sym, tensor_type((n, k // 2), "i8"))
-                scales = _load(scale_sym, tensor_type((n, k // g), "f16"))
-                call = ir.Operation.create("func.call", results=[op.result.type],
-                                           operands=[op.operands[0], codes, scales],
-                                           attributes={"callee": ir.FlatSymbolRefAttr.get(kernel)})
-            op.result.replace_all_uses_with(call.result)
-            op.erase()
-        return {"matched": len(sites), "rewritten": len(sites), "weights": len(globals_), "kernels": len(kernels)}
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return [QuantizedLinear()]
 
-    @staticmethod
-    def _add_globals(module, name: str, n: int, k: int, g: int, ctx: PassContext) -> tuple[str, str]:
-        codes = add_parameter(module, f"{name}.int4", (n, k // 2), "i8")
-        scales = add_parameter(module, f"{name}.int4_scale", (n, k // g), "f16")
-        ctx.derived.add_many((f"{name}.int4", f"{name}.int4_scale"), (name,), lambda w: quantize(w, g))
-        return codes, scales
+    def run(self, module, ctx: PassContext) -> dict[str, int]:
+        linears, = patterns = self.patterns(ctx)
+        return {**apply_patterns(module, patterns, ctx), "weights": len(linears.globals),
+                "kernels": len(linears.kernels)}
+
+    def expected(self, ctx: PassContext) -> dict[str, int]:
+        """Every linear of every function whose K the group size divides."""
+        per_function = sum(k % ctx.group_size == 0 and k % 2 == 0 for k in linear_depths(ctx))
+        return {"int4-linear": per_function * len(ctx.functions)}
 
 
 def _load(symbol: str, t: ir.Type) -> ir.Value:

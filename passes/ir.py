@@ -1,5 +1,6 @@
-"""Helpers over the MLIR Python bindings (IREE's context: torch, torch_c, util, linalg, tensor, arith)
-for torch-dialect IR as the FX importer writes it."""
+"""The rewrite layer g3n's passes are written in, over the MLIR Python bindings (IREE's context: torch, torch_c,
+util, linalg, tensor, arith) and torch-dialect IR as the FX importer writes it: `Pattern` (match/rewrite) and
+`apply_patterns`, the matchers the passes share (`rms_norm`, `linear_weight`, chains of ops), and `Builder`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,35 @@ _PARAM = re.compile(r'#stream\.parameter\.named<"([^"]*)"::"([^"]*)">')
 
 def parse_module(text: str) -> ir.Module:
     return ir.Module.parse(text, ir.Context())
+
+
+class Pattern:
+    """One rewrite of one IR form, in the style of xDSL's RewritePattern. `match(op, ctx)` looks at one candidate
+    op (by default every op of the module: `candidates`) and returns what `rewrite` needs, or None; it changes
+    nothing. `name` keys the number of sites in the pass's statistics and its expected count."""
+
+    name = ""
+
+    def candidates(self, module: ir.Module) -> list:
+        return ops(module)
+
+    def match(self, op, ctx):
+        raise NotImplementedError
+
+    def rewrite(self, site, ctx) -> None:
+        raise NotImplementedError
+
+
+def apply_patterns(module: ir.Module, patterns: list[Pattern], ctx) -> dict[str, int]:
+    """Each pattern in turn: match every candidate first (so a rewrite never hides or invents a site of its own
+    pattern), then rewrite the sites in IR order. Returns the sites per pattern name."""
+    counts = {}
+    for pattern in patterns:
+        sites = [site for op in pattern.candidates(module) if (site := pattern.match(op, ctx)) is not None]
+        for site in sites:
+            pattern.rewrite(site, ctx)
+        counts[pattern.name] = len(sites)
+    return counts
 
 
 def ops(root, name: str | None = None) -> list[ir.Operation]:

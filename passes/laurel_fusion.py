@@ -32,8 +32,8 @@ from collections import defaultdict
 import torch
 from iree.compiler import ir
 
-from .ir import (Builder, add_parameter, constant_float, constant_int, erase_with_checks, linear_weight, ops,
-                 parameters, producer, rms_norm, users, vtensor)
+from .ir import (Builder, Pattern, add_parameter, constant_float, constant_int, erase_with_checks, linear_weight,
+                 ops, parameters, producer, rms_norm, users, vtensor)
 from .pipeline import Pass, PassContext
 
 MEMBER = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|laurel\.linear_left)\.weight")
@@ -51,43 +51,6 @@ def _root(value: ir.Value) -> ir.Value:
 def _member(op, params):
     m = MEMBER.fullmatch(linear_weight(op, params) or "")
     return (int(m.group(1)), m.group(2), m.group(0)) if m else None
-
-
-class LaurelFusion(Pass):
-    """LAuReL left projection + q/k/v of a layer as one matmul over concatenated weights."""
-
-    name = "laurel-fusion"
-
-    def run(self, module, ctx: PassContext) -> dict[str, int]:
-        params = parameters(module)
-        groups = defaultdict(list)  # (function, layer, lhs root, lhs type) -> [(role, name, mm, position)]
-        for f, func in enumerate(ops(module, "func.func")):
-            for position, op in enumerate(ops(func)):
-                hit = _member(op, params)
-                if hit:
-                    layer, role, name = hit
-                    lhs = op.operands[0]
-                    groups[(f, layer, _root(lhs), str(lhs.type))].append((role, name, op, position))
-        fused, symbols = 0, {}
-        for (_, layer, _, _), members in groups.items():
-            roles = [m[0] for m in members]
-            if "laurel.linear_left" not in roles or len(members) < 2 or len(set(roles)) != len(roles):
-                continue
-            members.sort(key=lambda m: ORDER.index(m[0]))
-            names = tuple(m[1] for m in members)
-            weights = [vtensor(producer(m[2].operands[1]).operands[0]) for m in members]
-            shape, elem = (sum(w[0][0] for w in weights), weights[0][0][1]), weights[0][1]
-            if names not in symbols:
-                symbols[names] = add_parameter(module, f"layers.{layer}.attn_laurel_in.weight", shape, elem)
-                ctx.derived.add(f"layers.{layer}.attn_laurel_in.weight", names, lambda *ws: torch.cat(ws, dim=0))
-            earliest = min(members, key=lambda m: m[3])[2]
-            _rewrite(earliest, [m[2] for m in members], symbols[names], shape, elem)
-            fused += 1
-        residuals = [site for site in (_post_norms(op, params) for op in ops(module, "torch.aten.add.Tensor")) if site]
-        for site in residuals:
-            _merge_post_norms(*site)
-        return {"matched": sum(len(m) for m in groups.values()), "fused_matmuls": fused,
-                "merged_post_norms": len(residuals)}
 
 
 def _post_norms(op, params):
@@ -233,3 +196,76 @@ def _rewrite(first, mms, symbol: str, shape, weight_elem: str) -> None:
         start += width
     for op in mms:
         op.erase()
+
+
+class InputProjections(Pattern):
+    """A layer's q/k/v projections and LAuReL's left projection, reading one normed input, as one matmul over their
+    concatenated weights (`layers.i.attn_laurel_in.weight`, declared once and shared by every function)."""
+
+    name = "input-projections"
+
+    def __init__(self):
+        self.symbols = {}
+
+    def candidates(self, module) -> list:
+        """Per function and layer, the linears by the member weights that read one root value (in IR order)."""
+        self.module, params = module, parameters(module)
+        groups = defaultdict(list)  # (function, layer, lhs root, lhs type) -> [(role, name, mm, position)]
+        for f, func in enumerate(ops(module, "func.func")):
+            for position, op in enumerate(ops(func)):
+                hit = _member(op, params)
+                if hit:
+                    layer, role, name = hit
+                    lhs = op.operands[0]
+                    groups[(f, layer, _root(lhs), str(lhs.type))].append((role, name, op, position))
+        return [(key[1], members) for key, members in groups.items()]
+
+    def match(self, group, ctx):
+        layer, members = group
+        roles = [m[0] for m in members]
+        if "laurel.linear_left" not in roles or len(members) < 2 or len(set(roles)) != len(roles):
+            return None
+        return layer, sorted(members, key=lambda m: ORDER.index(m[0]))
+
+    def rewrite(self, site, ctx) -> None:
+        layer, members = site
+        names = tuple(m[1] for m in members)
+        weights = [vtensor(producer(m[2].operands[1]).operands[0]) for m in members]
+        shape, elem = (sum(w[0][0] for w in weights), weights[0][0][1]), weights[0][1]
+        if names not in self.symbols:
+            fused = f"layers.{layer}.attn_laurel_in.weight"
+            self.symbols[names] = add_parameter(self.module, fused, shape, elem)
+            ctx.derived.add(fused, names, lambda *ws: torch.cat(ws, dim=0))
+        earliest = min(members, key=lambda m: m[3])[2]
+        _rewrite(earliest, [m[2] for m in members], self.symbols[names], shape, elem)
+
+
+class PostNorms(Pattern):
+    """`add.Tensor(add.Tensor(active, An), add.Tensor(x, Ln))`, An and Ln a layer's post-attention and post-LAuReL
+    RMSNorms: both norms' sums of squares (and the pre-feedforward norm's, where it follows) in one reduction."""
+
+    name = "post-norms"
+
+    def candidates(self, module) -> list:
+        self.params = parameters(module)
+        return ops(module, "torch.aten.add.Tensor")
+
+    def match(self, op, ctx):
+        return _post_norms(op, self.params)
+
+    def rewrite(self, site, ctx) -> None:
+        _merge_post_norms(*site)
+
+
+class LaurelFusion(Pass):
+    """LAuReL left projection + q/k/v of a layer as one matmul over concatenated weights."""
+
+    name = "laurel-fusion"
+
+    def patterns(self, ctx: PassContext) -> list[Pattern]:
+        return [InputProjections(), PostNorms()]
+
+    def expected(self, ctx: PassContext) -> dict[str, int]:
+        """Both, once per layer in every function."""
+        sites = ctx.config.num_hidden_layers * len(ctx.functions)
+        return {"input-projections": sites, "post-norms": sites}

@@ -4,41 +4,32 @@ IR in (three int4 linears: K = 64, a partial superblock; K = 512; K = 544, which
 take), structure out, and the compiled module against numpy: the kernel's product of the Q8_0-quantized
 activations and the int4 weights, and the f32 product within int8-activation rounding."""
 
-import re
 
 import numpy as np
 import pytest
 import torch
 
-from g3n_compile.tiny_random import CONFIG
-from passes import PassContext, PassError, run_passes
+from helpers import context, count, filecheck, fixture, parameter_names, run_compiled
+from passes import PassError, run_passes
 from passes.int4_cpu_kernel import Int4CpuKernel
 from passes.int4_pack import Int4Pack, dequantize, quantize
 from targets import cpu, cuda
-from targets.cpu_kernels import host_isas
-from test_passes import count, run_compiled
+from targets.int4_kernel.build import host_isas
 
 pytestmark = pytest.mark.skipif(not host_isas(), reason="no int4 kernel variant for this CPU (x86-64 only)")
 
 LINEARS = {"layers.0.laurel.linear_right.weight": (48, 64), "layers.0.mlp.down_proj.weight": (40, 512),
-           "layers.0.mlp.up_proj.weight": (24, 544)}
+           "layers.0.mlp.up_proj.weight": (24, 544)}  # as in the fixture int4_cpu_kernel.mlir
 
 
 def _ir(elem: str = "f32") -> str:
-    globals_, body, results = [], ["    %i1 = torch.constant.int 1", "    %i0 = torch.constant.int 0",
-                                   "    %perm = torch.prim.ListConstruct %i1, %i0 : (!torch.int, !torch.int) -> !torch.list<int>"], []
-    for i, (name, (n, k)) in enumerate(LINEARS.items()):
-        globals_.append(f'  util.global private @w{i} <inlining_policy = #util.inline.never> = '
-                        f'#stream.parameter.named<"model"::"{name}"> : tensor<{n}x{k}x{elem}>')
-        body += [f"    %l{i} = util.global.load @w{i} : tensor<{n}x{k}x{elem}>",
-                 f"    %w{i} = torch_c.from_builtin_tensor %l{i} : tensor<{n}x{k}x{elem}> -> !torch.vtensor<[{n},{k}],{elem}>",
-                 f"    %t{i} = torch.aten.permute %w{i}, %perm : !torch.vtensor<[{n},{k}],{elem}>, !torch.list<int> -> !torch.vtensor<[{k},{n}],{elem}>",
-                 f"    %y{i} = torch.aten.mm %x{i}, %t{i} : !torch.vtensor<[3,{k}],{elem}>, !torch.vtensor<[{k},{n}],{elem}> -> !torch.vtensor<[3,{n}],{elem}>"]
-        results.append((f"%y{i}", f"!torch.vtensor<[3,{n}],{elem}>"))
-    args = ", ".join(f"%x{i}: !torch.vtensor<[3,{k}],{elem}>" for i, (_, k) in enumerate(LINEARS.values()))
-    types = ", ".join(t for _, t in results)
-    body.append(f"    return {', '.join(r for r, _ in results)} : {types}")
-    return "module {\n" + "\n".join(globals_) + f"\n  func.func @main({args}) -> ({types}) {{\n" + "\n".join(body) + "\n  }\n}\n"
+    return fixture("int4_cpu_kernel.mlir").replace("f32", elem)
+
+
+def _run(ir_text: str, **options):
+    ctx = context(quant="int4", group_size=32, arch="host", **options)
+    after, report = run_passes(ir_text, ctx, [Int4Pack, Int4CpuKernel], check_sites=False, log=lambda *_: None)
+    return after, report[1]["stats"], ctx
 
 
 def _q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +41,10 @@ def _q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_kernel_pass_structure_and_numerics(tmp_path):
-    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
-    after, report = run_passes(_ir(), ctx, [Int4Pack, Int4CpuKernel])
-    stats = report[1]["stats"]
-    assert stats["matched"] == 3 and stats["rewritten"] == 2 and stats["isa"] == host_isas()[0]
+    after, stats, ctx = _run(_ir())
+    assert stats["generic_calls"] == 3 and stats["kernel-call"] == 2 and stats["isa"] == host_isas()[0]
+    filecheck(after, "int4_cpu_kernel.mlir")
+    filecheck(after, "int4_cpu_kernel.mlir", "ABSENT")
     # Two kernel shapes in one hand-written executable that carries the object; K = 544 stays generic.
     assert after.count("stream.executable private @g3n_cpu_kernels") == 1 and after.count("#hal.executable.objects<") == 1
     assert count(after, "flow.dispatch") == 2 and count(after, "stream.executable.export") == 2
@@ -66,7 +57,7 @@ def test_kernel_pass_structure_and_numerics(tmp_path):
     g = torch.Generator().manual_seed(0)
     weights = {name: torch.randn(n, k, generator=g) for name, (n, k) in LINEARS.items()}
     source = ctx.derived.getter(weights.__getitem__)
-    names = re.findall(r'#stream\.parameter\.named<"model"::"([^"]+)">', after)
+    names = parameter_names(after)
     xs = [torch.randn(3, k, generator=g).numpy() for _, k in LINEARS.values()]
     ys = run_compiled(after, tmp_path, xs, {n: source(n) for n in names}, quant="int4")
     for (name, _), x, y in zip(LINEARS.items(), xs, ys):
@@ -88,22 +79,20 @@ def test_kernel_pass_with_bf16_activations_compiles():
     (the numerics are the f32 test's: the same kernel on the same int8 values)."""
     import iree.compiler as ic
 
-    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
-    after, report = run_passes(_ir("bf16"), ctx, [Int4Pack, Int4CpuKernel])
-    assert report[1]["stats"]["rewritten"] == 2 and count(after, "arith.truncf") == 3  # 2 after the kernel, 1 in K = 544's generic code
+    after, stats, _ = _run(_ir("bf16"))
+    assert stats["kernel-call"] == 2 and count(after, "arith.truncf") == 3  # 2 after the kernel, 1 in K = 544's generic code
     ic.compile_str(after, input_type="torch", extra_args=cpu.compile_flags(quant="int4"))
 
 
 def test_kernel_pass_applies_only_to_cpu_int4_group_32():
-    assert Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host"))
-    assert not Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="int4", group_size=64, arch="host"))
-    assert not Int4CpuKernel.applies(PassContext(CONFIG, cpu, quant="none", arch="host"))
-    assert not Int4CpuKernel.applies(PassContext(CONFIG, cuda, quant="int4", group_size=32, arch="sm_90"))
+    assert Int4CpuKernel.applies(context(cpu, quant="int4", group_size=32, arch="host"))
+    assert not Int4CpuKernel.applies(context(cpu, quant="int4", group_size=64, arch="host"))
+    assert not Int4CpuKernel.applies(context(cpu, quant="none", arch="host"))
+    assert not Int4CpuKernel.applies(context(cuda, quant="int4", group_size=32, arch="sm_90"))
 
 
 def test_missing_c_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", "/nonexistent")
-    ctx = PassContext(CONFIG, cpu, quant="int4", group_size=32, arch="host")
     with pytest.raises(PassError, match="no C compiler found.*--disable-pass int4-cpu-kernel"):
-        run_passes(_ir(), ctx, [Int4Pack, Int4CpuKernel])
+        _run(_ir())

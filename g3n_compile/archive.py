@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+import iree.runtime as rt
 import numpy as np
 import torch
 
@@ -20,8 +21,6 @@ from runtime.archive import ARCHIVE_ID  # the entry the runtime checks
 
 def write_archive(path: Path, names: Iterable[str], get: Callable[[str], torch.Tensor], log=print) -> str:
     """Write `names` (tensors from `get`) to `path`; returns the archive id."""
-    import iree.runtime as rt
-
     path = Path(path)
     scratch = path.with_name(path.name + ".scratch")
     archive_id = uuid.uuid4().hex

@@ -6,10 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from passes import PASSES
+from passes.pipeline import ordered
+from targets import TARGETS, list_targets
+
+from .checkpoint import CheckpointError
+from .compile import CompileError, compile_model
+from .model.config import ConfigError
+
 
 def main(argv: list[str] | None = None) -> int:
-    from targets import TARGETS, list_targets
-
     p = argparse.ArgumentParser(
         prog="g3n-compile",
         description="Compile a Gemma 3n checkpoint (Hugging Face folder) into an output folder: model.irpa "
@@ -43,17 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(list_targets())
         return 0
     if args.list_passes:
-        from passes import PASSES
-        from passes.pipeline import ordered
-
         for cls in ordered(PASSES):
             deps = f" (after {', '.join(cls.after)})" if cls.after else ""
             print(f"{cls.name:16s} {cls.summary()}{deps}")
         return 0
-
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .pipeline import CompileError, compile_model
 
     out = args.output or Path("out") / Path(args.model).name
     archs = {name: getattr(args, f"arch_{name}") for name in TARGETS if getattr(args, f"arch_{name}") is not None}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import PRESETS
+from ..model.config import PRESETS
+from .folder import CheckpointError
 from .tiny_random import NAME as TINY_RANDOM, ensure_tiny_random
 
 

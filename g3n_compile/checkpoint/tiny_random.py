@@ -19,13 +19,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 
-from .audio import AudioModel, tiny_audio_config
-from .config import FULL, SLIDING, TextConfig
-from .multimodal import PromptTokens, multimodal_config
-from .safetensors_io import write_safetensors
-from .vision import Gemma3nVisionModel
-from .vision_config import TINY_IMAGE_SIZE, TINY_MOBILENETV5, custom_config
+from runtime.abi import PromptTokens
+
+from ..model.audio import AudioModel
+from ..model.audio_config import tiny_audio_config
+from ..model.config import FULL, SLIDING, TextConfig
+from ..model.multimodal_config import multimodal_config
+from ..model.text import Gemma3nTextModel
+from ..model.vision import Gemma3nVisionModel
+from ..model.vision_config import TINY_IMAGE_SIZE, TINY_MOBILENETV5, custom_config
+from .safetensors import write_safetensors
 
 NAME = "tiny-random"
 VERSION = 2  # bump when the weights, config or tokenizer change: the cache folder is keyed on it
@@ -118,8 +123,6 @@ Write a short poem about the moon. The quick brown fox jumps over the lazy dog, 
 def _build_tokenizer():
     """A real SentencePiece-style BPE tokenizer.json (byte fallback, ▁ for spaces, <bos> prepended),
     trained offline on a small corpus, carrying Gemma's special tokens at fixed ids."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
@@ -145,8 +148,6 @@ def write_tiny_random(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer()
     assert max(tokenizer["model"]["vocab"].values()) < CONFIG.vocab_size, "tokenizer outgrew the embedding table"
-
-    from .model import Gemma3nTextModel
 
     with torch.device("meta"):
         shapes = {"model.language_model." + n: tuple(p.shape) for n, p in Gemma3nTextModel(CONFIG).named_parameters()}

@@ -19,6 +19,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from runtime.abi import Manifest
+
+_ELEMENT = {"int64": "i64", "float32": "f32", "bool": "i1"}  # iree-run-module's names
 # IREE names dispatches `<function>$async_dispatch_<n>_<op>_<shape>_<types>` (`_encoding_<n>_...` for
 # packing); identical executables are shared between functions under the first one's name.
 _NAME = re.compile(r"(?:dispatch|encoding)_\d+_(([a-z]+).*)")
@@ -37,15 +40,15 @@ def profile_decode(folder: Path, position: int, top: int = 10) -> dict:
     """Per-dispatch times of one decode call of the compiled `folder` at `position`:
     {"step_ms", "dispatches", "by_kind": [{"kind", "ms", "share", "count"}], "top": [{"name", ...}]}."""
     folder = Path(folder)
-    m = json.loads((folder / "g3n.json").read_text())
-    target = next(iter(m["targets"].values()))
-    args = {a["name"]: a["shape"] for a in m["functions"]["decode"]["args"]}
-    rows = "x".join(map(str, args["per_layer_rows"]))
+    m = Manifest.read(folder)
+    target = next(iter(m.targets.values()))
+    values = {"input_ids": 2, "per_layer_rows": 0, "start": position}  # token 2 (<bos>) at `position`
+    inputs = [f"--input={'x'.join(map(str, a.shape))}x{_ELEMENT[a.dtype]}={values[a.name]}"
+              for a in m.functions["decode"].args]
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "decode.ireeprof"
-        subprocess.run([_tool("iree-run-module"), f"--device={target['driver']}", f"--module={folder / target['file']}",
-                        f"--parameters={m['parameters']['scope']}={folder / m['parameters']['file']}",
-                        "--function=decode", "--input=1x1xi64=2", f"--input={rows}xf32=0", f"--input=1xi64={position}",
+        subprocess.run([_tool("iree-run-module"), f"--device={target.driver}", f"--module={folder / target.file}",
+                        f"--parameters={m.parameters.scope}={folder / m.parameters.file}", "--function=decode", *inputs,
                         "--device_profiling_mode=host-execution", f"--device_profiling_output={bundle}"],
                        check=True, capture_output=True)
         events = subprocess.run([_tool("iree-profile"), "dispatch", "--dispatch_events", "--format=jsonl", str(bundle)],

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, TextConfig
-from .safetensors_io import write_safetensors
+from ..model.config import PRESETS, TextConfig
+from ..model.text import Gemma3nTextModel
+from .safetensors import write_safetensors
 
 VERSION = 1  # bump when the values, names or config change: the cache folder is keyed on it
 PREFIX = "model.language_model."
@@ -32,8 +33,6 @@ BLOCK_ELEMENTS = 1 << 24  # rows generated at a time: 32 MB of bf16
 
 def tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every text tensor of a Hub checkpoint with config `cfg`."""
-    from .model import Gemma3nTextModel
-
     with torch.device("meta"):
         shapes = {PREFIX + n: tuple(p.shape) for n, p in Gemma3nTextModel(cfg).named_parameters()}
     kv = (cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size)

@@ -29,36 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TextConfig
+from .layers import Linear, RMSNorm
 
 
 def _as_dtype(value: float, dtype: torch.dtype) -> float:
     """`value` rounded as transformers rounds its scalar buffers (f32, then the weight dtype)."""
     return torch.tensor(value, dtype=torch.float32).to(dtype).item()
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * w  (w, not 1 + w), computed in float32."""
-
-    def __init__(self, dim: int, eps: float, with_scale: bool = True):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.float()
-        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        return y if self.weight is None else y * self.weight.float()
-
-
-class Linear(nn.Module):
-    """Bias-free linear layer: input cast to the weight dtype, output float32."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight).float()
 
 
 def _rescale_to(x: Tensor, target_rms: Tensor) -> Tensor:
@@ -93,7 +69,7 @@ class KeyValues:
 
 
 def _mod(x: Tensor, n: int) -> Tensor:
-    # int32: Vulkan cannot lower int64 remainder (toolchain notes §2).
+    # int32: IREE's SPIR-V codegen cannot lower an int64 remainder (`arith.remsi` on i64 is illegal there).
     return torch.remainder(x.to(torch.int32), n).to(torch.int64)
 
 
@@ -441,11 +417,3 @@ class Gemma3nTextModel(nn.Module):
         tokens = rows.float().view(shape) * _as_dtype(c.hidden_size_per_layer_input**0.5, rows.dtype)
         return ((context + tokens) * _as_dtype(2.0**-0.5, wdt)).permute(2, 0, 1, 3)
 
-
-def load_model(path_or_preset: str, dtype: torch.dtype = torch.float32) -> Gemma3nTextModel:
-    """The text decoder from a checkpoint folder (Hugging Face layout) or the built-in `tiny-random`
-    preset (generated once into the cache folder)."""
-    from .checkpoint import load_text_model
-    from .presets import resolve_checkpoint
-
-    return load_text_model(resolve_checkpoint(path_or_preset), dtype)

@@ -1,4 +1,4 @@
-"""Small C programs g3n-bench builds at run time (bandwidth.py, kernel_bench.py), cached in the temp folder."""
+"""Small C programs g3n-bench builds at run time (bandwidth.c, kernel_driver.c), cached in the temp folder."""
 
 from __future__ import annotations
 
@@ -9,19 +9,18 @@ import tempfile
 from pathlib import Path
 
 
-def build_c_program(name: str, source: str, cc: str, flags: list[str], inputs: tuple[Path, ...] = ()) -> Path:
+def build_c_program(name: str, source: Path, cc: str, flags: list[str], inputs: tuple[Path, ...] = ()) -> Path:
     """`source` compiled with `cc flags source inputs` into <temp>/<name>-<hash of all of it>, built once; raises
     CalledProcessError (its stderr kept) when the compiler fails."""
-    digest = hashlib.sha256("\0".join([source, cc, *flags]).encode())
+    digest = hashlib.sha256("\0".join([source.read_text(), cc, *flags]).encode())
     for path in inputs:
         digest.update(path.read_bytes())
     exe = Path(tempfile.gettempdir()) / f"{name}-{digest.hexdigest()[:12]}"
     if exe.is_file():
         return exe
     with tempfile.TemporaryDirectory() as tmp:
-        src, built = Path(tmp) / f"{name}.c", Path(tmp) / name
-        src.write_text(source)
-        subprocess.run([cc, *flags, str(src), *map(str, inputs), "-o", str(built)], capture_output=True, text=True,
+        built = Path(tmp) / name
+        subprocess.run([cc, *flags, str(source), *map(str, inputs), "-o", str(built)], capture_output=True, text=True,
                        check=True)
         os.replace(built, exe)  # atomic: a concurrent build never leaves half a program
     return exe

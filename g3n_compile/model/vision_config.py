@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, _int, _num
+from .config import ConfigError, config_int, config_number
 
 MOBILENETV5_300M_NAME = "mobilenetv5_300m_enc"
 CUSTOM_NAME = "mobilenetv5"
@@ -122,8 +122,8 @@ def parse_arch(d: Any, scope: str) -> MobileNetV5Arch:
             block, repeat = parse_block(spec, f"{scope}stages[{i}][{j}]")
             blocks += [block] * repeat
         parsed.append(tuple(blocks))
-    arch = MobileNetV5Arch(_int(scope, "stem_size", d["stem_size"]), tuple(parsed),
-                           _int(scope, "msfa_output_resolution", d["msfa_output_resolution"]))
+    arch = MobileNetV5Arch(config_int(scope, "stem_size", d["stem_size"]), tuple(parsed),
+                           config_int(scope, "msfa_output_resolution", d["msfa_output_resolution"]))
     validate_arch(arch, scope)
     return arch
 
@@ -191,9 +191,9 @@ class VisionConfig:
     def __post_init__(self):
         s = "config.json: vision_config."
         for name in ("hidden_size", "text_hidden_size", "vocab_size"):
-            _int(s, name, getattr(self, name))
-        _int(s, "vocab_offset", self.vocab_offset, minimum=0)
-        _num(s, "rms_norm_eps", self.rms_norm_eps)
+            config_int(s, name, getattr(self, name))
+        config_int(s, "vocab_offset", self.vocab_offset, minimum=0)
+        config_number(s, "rms_norm_eps", self.rms_norm_eps)
         if self.architecture == MOBILENETV5_300M_NAME and self.hidden_size != MOBILENETV5_300M_WIDTH:
             raise ConfigError(f"{s}hidden_size: {MOBILENETV5_300M_NAME} outputs {MOBILENETV5_300M_WIDTH} channels, "
                               f"not {self.hidden_size}")

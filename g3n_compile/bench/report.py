@@ -106,7 +106,7 @@ def _kernel(k: dict, bandwidth: float, runs: list[dict]) -> list[str]:
     if "error" in k:
         return lines + [f"Not measured: {k['error']}"]
     lines += [f"`{k['isa']}` variant, {k['threads']} threads, rows split as IREE's workgroups split them "
-              "(`g3n_compile/kernel_bench.py`).", "",
+              "(`g3n_compile/bench/kernel.py`).", "",
               f"- Decode, one activation row against [{k['decode']['n']} x {k['decode']['k']}]: "
               f"**{k['decode']['gb_per_s']:.1f} GB/s** of weights, {100 * k['decode']['gb_per_s'] / bandwidth:.0f} % "
               "of the streaming-read bandwidth above."]

@@ -1,6 +1,8 @@
-"""checkpoint -> model -> export -> passes -> IREE -> output folder (`model.irpa`, `<target>.vmfb` per target,
-tokenizer, `g3n.json`), plus `<target>-audio.vmfb` / `<target>-vision.vmfb` when the checkpoint has those
-towers (see multimodal.py; g3n's passes rewrite the text module only).
+"""The compile driver: checkpoint -> model -> export -> passes -> IREE -> output folder.
+
+The folder holds `model.irpa` (every weight), `<target>.vmfb` per target (code only), `<target>-audio.vmfb` /
+`<target>-vision.vmfb` when the checkpoint has those towers (g3n's passes rewrite the text module only), the
+tokenizer files and `g3n.json` (runtime/abi.py's `Manifest`).
 
 One export serves every target asked for; the passes run for each target. Compiling more targets into a
 folder that already holds this checkpoint at the same settings keeps its `model.irpa` (and its archive
@@ -15,44 +17,45 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
+import iree.compiler as ic
 import torch
+from iree.compiler import ir
+
+from passes import PASSES, PassContext, PassError, run_passes
+from passes.int4_pack import LAYOUT as INT4_LAYOUT
+from passes.ir import parameters
+from runtime.abi import (CacheLayer, EncoderModule, KvCache, Manifest, ManifestError, Parameters,
+                         PerLayerRows, TargetModule, TokenizerInfo, TokenTable, sha256_file)
+from runtime.archive import ARCHIVE_ID, ArchiveReader
+from targets import TARGETS
 
 from . import __version__
-from .archive import ARCHIVE_ID, write_archive
-from .checkpoint import Checkpoint, CheckpointError, text_model_for_export
-from .export import PARAM_SCOPE, export_text_model
-from .multimodal import (PREPROCESSOR_CONFIG, TOKEN_TABLE, archive_source, export_encoder, find_encoders,
-                         token_table_entry)
-from .presets import resolve_checkpoint
-from passes import PASSES, PassContext, PassError, run_passes
-from passes.ir import parameters
-# The output folder's format is defined once, by the runtime that reads it.
-from runtime.archive import ArchiveReader
-from runtime.module import MANIFEST, sha256_file
+from .archive import write_archive
+from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
+from .checkpoint.load import text_model_for_export
+from .checkpoint.towers import PREPROCESSOR_CONFIG, Tower, find_towers, token_ids, token_table
+from .export.encoders import ExportedEncoder, export_encoder
+from .export.program import PARAM_SCOPE
+from .export.text import ExportedText, export_text_model
+from .model.config import ConfigError, TextConfig
+from .model.multimodal_config import prompt_tokens
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
+TOKEN_TABLE = "multimodal_token_embeddings"
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("none", "int4")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json", PREPROCESSOR_CONFIG)
-# What every module in one folder shares with its model.irpa: a folder whose manifest matches on all of
-# these (and whose archive is intact and complete) gets new targets without rewriting the archive.
-SHARED_BUILD = ("format", "g3n_version", "source", "source_fingerprint", "config", "max_context", "prefill_chunk",
-                "weight_dtype", "quantization", "activation_dtype", "functions", "per_layer_rows", "kv_cache",
-                "encoders", "multimodal_tokens", "prompt_tokens")
 
 
 class CompileError(RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
 
 
-QUANTIZATIONS = ("none", "int4")
-
-
 def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """[(target name, architecture)] from names (or one comma-separated string) and per-target archs."""
-    from targets import TARGETS
-
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     archs = archs or {}
     for name in [*names, *archs]:
@@ -75,13 +78,11 @@ def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = Non
 
 def compile_model(model: str, targets: str | list[str], out: Path, max_context: int = 2048, chunk: int = 128,
                   archs: dict[str, str] | None = None, dtype: str = "auto", quant: str = "none", group_size: int = 32,
-                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, log=print) -> dict:
+                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, log=print) -> Manifest:
     """Compile checkpoint `model` (folder or preset name) for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into
     folder `out`; `archs` maps a target to its architecture (default: each target's DEFAULT_ARCH). Weights
     are stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
     `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/). Returns the manifest."""
-    from targets import TARGETS
-
     plan = resolve_targets(targets, archs)
     if quant not in QUANTIZATIONS:
         raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
@@ -109,25 +110,26 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     log(f"g3n-compile: exporting (prefill chunk {chunk}, max context {max_context})")
     t0 = time.perf_counter()
     exported = export_text_model(text, chunk, max_context, log=log)
-    encoders = find_encoders(ckpt, weight_dtype)
-    for encoder in encoders:
+    towers = find_towers(ckpt, weight_dtype)
+    encoders = []
+    for tower in towers:
         t1 = time.perf_counter()
-        export_encoder(encoder)
-        log(f"  exported {encoder.kind} encoder ({_encoder_shape(encoder)}) in {time.perf_counter() - t1:.1f}s")
+        encoders.append(export_encoder(tower.kind, tower.model, tower.preprocessing))
+        log(f"  exported {tower.kind} encoder ({_encoder_shape(encoders[-1])}) in {time.perf_counter() - t1:.1f}s")
     t_export = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     modules = {}  # target name -> (MLIR after its passes, their report, their context)
     for name, arch in plan:
         log(f"g3n-compile: running passes for {name}")
-        ctx = PassContext(cfg, TARGETS[name], quant=quant, group_size=group_size, arch=arch)
+        ctx = PassContext(cfg, TARGETS[name], exported.functions, max_context, quant=quant, group_size=group_size,
+                          arch=arch, weight_dtype=_dtype_name(weight_dtype))
         try:
             own_dump_dir = dump_dir / name if dump_dir is not None and len(plan) > 1 else dump_dir
             modules[name] = (*run_passes(exported.mlir, ctx, PASSES, disabled=disabled_passes,
                                          dump_after=dump_ir_after, dump_dir=own_dump_dir, log=log), ctx)
         except PassError as e:
             raise CompileError(str(e)) from None
-    from iree.compiler import ir
     with ir.Context():
         archived = sorted({name for mlir, _, _ in modules.values()
                            for name, _ in parameters(ir.Module.parse(mlir)).values()} | {PLE_TABLE}
@@ -135,16 +137,13 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
                           | ({TOKEN_TABLE} if encoders else set()))
     t_passes = time.perf_counter() - t0
 
-    # Compared with the g3n.json already in `out`, so in the form it reads back in (tuples as lists).
-    manifest = json.loads(json.dumps(_manifest(text, exported, folder, max_context, quant, group_size)
-                                     | _multimodal_manifest(ckpt, encoders, cfg)))
+    manifest = _manifest(ckpt, text, exported, towers, encoders, max_context, quant, group_size)
     previous, previous_entries = _previous_build(out)
     t0 = time.perf_counter()
-    if previous is not None and all(previous.get(k) == manifest[k] for k in SHARED_BUILD) \
-            and set(archived) <= previous_entries:
+    if previous is not None and previous.same_build(manifest) and set(archived) <= previous_entries:
         log(f"g3n-compile: {out} already holds this build: keeping its model.irpa and its "
-            f"{', '.join(previous['targets']) or 'no'} modules")
-        manifest["parameters"], manifest["targets"] = previous["parameters"], previous["targets"]
+            f"{', '.join(previous.targets) or 'no'} modules")
+        manifest.parameters, manifest.targets = previous.parameters, previous.targets
         t_archive = None
     else:
         if previous is not None:
@@ -154,10 +153,9 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         source = lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype)
         for _, _, ctx in modules.values():  # each target's passes may derive tensors (int4 codes, fused weights)
             source = ctx.derived.getter(source)
-        source = archive_source(ckpt, encoders, weight_dtype, source)
+        source = _archive_source(ckpt, towers, weight_dtype, source)
         archive_id = write_archive(out / "model.irpa", archived, source, log=log)
-        manifest["parameters"] = {"file": "model.irpa", "scope": PARAM_SCOPE, "archive_id": archive_id,
-                                  "archive_id_entry": ARCHIVE_ID, "count": len(archived)}
+        manifest.parameters = Parameters("model.irpa", PARAM_SCOPE, archive_id, ARCHIVE_ID, len(archived))
         t_archive = round(time.perf_counter() - t0, 2)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
@@ -171,10 +169,9 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
         t0 = time.perf_counter()
         _iree_compile(mlir, vmfb, flags)
-        entry = {"file": vmfb.name, "driver": target.DRIVER, "arch": arch, "flags": flags,
-                 "sha256": sha256_file(vmfb), "bytes": vmfb.stat().st_size,
-                 "compile_s": round(time.perf_counter() - t0, 2), "passes": pass_report, "encoders": {}}
-        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {entry['compile_s']:.1f}s")
+        compile_s = round(time.perf_counter() - t0, 2)
+        log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {compile_s:.1f}s")
+        compiled = {}
         for encoder in encoders:
             module = out / f"{name}-{encoder.kind}.vmfb"
             encoder_flags = target.compile_flags(arch)  # the towers are not quantized
@@ -190,37 +187,52 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
                 log(f"g3n-compile: warning: the {encoder.kind} encoder does not compile for {name}; the {name} "
                     f"module takes no {'images' if encoder.kind == 'vision' else 'audio'} ({reason[:200]})")
                 continue
-            entry["encoders"][encoder.kind] = {"file": module.name, "flags": encoder_flags,
-                                               "sha256": sha256_file(module), "bytes": module.stat().st_size,
-                                               "compile_s": round(time.perf_counter() - t1, 2)}
+            compiled[encoder.kind] = EncoderModule(module.name, tuple(encoder_flags), sha256_file(module),
+                                                   module.stat().st_size, round(time.perf_counter() - t1, 2))
             log(f"g3n-compile: {name}: {module.stat().st_size / 1e6:.2f} MB {encoder.kind} module in "
-                f"{entry['encoders'][encoder.kind]['compile_s']:.1f}s")
-        manifest["targets"][name] = entry
-        manifest["timings_s"] = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
-                                 "total": round(time.perf_counter() - t_start, 2)}
-        _write_json(out / MANIFEST, manifest)  # after each module: the folder is usable at every step
-    log(f"g3n-compile: done in {manifest['timings_s']['total']:.1f}s -> {out} "
-        f"({', '.join(manifest['targets'])}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
+                f"{compiled[encoder.kind].compile_s:.1f}s")
+        manifest.targets[name] = TargetModule(vmfb.name, target.DRIVER, arch, tuple(flags), sha256_file(vmfb),
+                                              vmfb.stat().st_size, compile_s, tuple(pass_report), compiled)
+        manifest.timings_s = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
+                              "total": round(time.perf_counter() - t_start, 2)}
+        manifest.write(out)  # after each module: the folder is usable at every step
+    log(f"g3n-compile: done in {manifest.timings_s['total']:.1f}s -> {out} "
+        f"({', '.join(manifest.targets)}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
     return manifest
 
 
-def _previous_build(out: Path) -> tuple[dict | None, set[str]]:
+def _archive_source(ckpt: Checkpoint, towers: list[Tower], dtype: torch.dtype,
+                    text_source: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """The archive's tensor getter: the towers' weights from the checkpoint in `dtype`, the token table
+    computed, everything else from `text_source`."""
+    stored = {name: s for t in towers for name, s in t.stored_names.items()}
+
+    def get(name: str) -> torch.Tensor:
+        if name == TOKEN_TABLE:
+            return token_table(ckpt, towers, dtype)
+        if name in stored:
+            return ckpt.tensor(stored[name]).to(dtype)
+        return text_source(name)
+
+    return get
+
+
+def _previous_build(out: Path) -> tuple[Manifest | None, set[str]]:
     """The manifest already in `out` and its archive's entry names, if that archive is there and is the
     one the manifest names."""
     try:
-        previous = json.loads((out / MANIFEST).read_text())
-        params = previous["parameters"]
-        archive = ArchiveReader(out / params["file"])
-        stored = archive.bytes(params["archive_id_entry"]).decode()
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        previous = Manifest.read(out)
+        archive = ArchiveReader(out / previous.parameters.file)
+        stored = archive.bytes(previous.parameters.archive_id_entry).decode()
+    except (OSError, ManifestError, AttributeError, KeyError, RuntimeError, UnicodeDecodeError):
         return None, set()
-    return (previous, set(archive.entries)) if stored == params["archive_id"] else (None, set())
+    return (previous, set(archive.entries)) if stored == previous.parameters.archive_id else (None, set())
 
 
-def _remove_modules(out: Path, previous: dict, log) -> None:
+def _remove_modules(out: Path, previous: Manifest, log) -> None:
     """Another build is being written over this folder: its modules would not match the new archive."""
-    files = [t["file"] for t in previous["targets"].values()]
-    files += [e["file"] for t in previous["targets"].values() for e in t.get("encoders", {}).values()]
+    files = [t.file for t in previous.targets.values()]
+    files += [e.file for t in previous.targets.values() for e in t.encoders.values()]
     stale = [out / f for f in files if (out / f).is_file()]
     if stale:
         log(f"g3n-compile: {out} held a different build; removing its modules ({', '.join(p.name for p in stale)})")
@@ -235,19 +247,11 @@ def _source_fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
-    import iree.compiler as ic
-
     src = vmfb.with_suffix(".mlir")
     src.write_text(mlir)
     partial = vmfb.with_name(vmfb.name + ".partial")  # a failed compile leaves the previous module intact
@@ -259,86 +263,52 @@ def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
     src.unlink()
 
 
-def _encoder_shape(encoder) -> str:
+def _encoder_shape(encoder: ExportedEncoder) -> str:
     abi = encoder.abi
-    size = f"{abi['frames']} frames" if encoder.kind == "audio" else f"{abi['image_size']}x{abi['image_size']} pixels"
-    return f"{size} -> {abi['soft_tokens']} soft tokens"
+    size = f"{abi.frames} frames" if encoder.kind == "audio" else f"{abi.image_size}x{abi.image_size} pixels"
+    return f"{size} -> {abi.soft_tokens} soft tokens"
 
 
-def _multimodal_manifest(ckpt: Checkpoint, encoders: list, cfg) -> dict:
-    """The encoders' ABIs (by kind), the multimodal token table and the processor's token ids: empty for a
-    text-only checkpoint."""
-    if not encoders:
-        return {"encoders": {}, "multimodal_tokens": None, "prompt_tokens": None}
-    from .config import ConfigError
-    from .multimodal import PromptTokens
-
-    try:
-        tokens = PromptTokens.from_hf_dict(ckpt.raw_config, cfg.vocab_size)
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt.folder}: {e}") from None
-    return {"encoders": {e.kind: e.abi for e in encoders},
-            "multimodal_tokens": token_table_entry(encoders, cfg.hidden_size),
-            "prompt_tokens": tokens.to_hf_dict()}
-
-
-def _manifest(text, exported, folder: Path, max_context: int, quant: str, group_size: int) -> dict:
-    """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
-    cfg = text.config
-    rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
-    c, v = exported.chunk, cfg.vocab_size
+def _tokenizer(folder: Path, cfg: TextConfig) -> TokenizerInfo:
     tok_cfg = {}
     if (folder / "tokenizer_config.json").is_file():
         tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     template = tok_cfg.get("chat_template")
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()
-
-    def arg(name, dtype, shape):
-        return {"name": name, "dtype": dtype, "shape": list(shape)}
-
-    return {
-        "format": "g3n-module", "g3n_version": __version__,
-        "source": str(folder),
-        "source_fingerprint": _source_fingerprint(folder),
-        "config": cfg.to_hf_dict(),
-        "max_context": max_context,
-        "prefill_chunk": c,
-        "weight_dtype": _dtype_name(text.embed_tokens.weight.dtype),
-        "quantization": ({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
-                          "layout": "W.int4 i8 [N, K/2] (low nibble = even k), W.int4_scale f16 [N, K/G]"}
-                         if quant == "int4" else "none"),
-        "activation_dtype": "float32",
-        "functions": {
-            "prefill": {"args": [arg("input_ids", "int64", (1, c)), arg("per_layer_rows", "float32", (1, c, rows)),
-                                 arg("start", "int64", (1,)), arg("length", "int64", (1,)),
-                                 arg("embeds", "float32", (1, c, cfg.hidden_size)), arg("embeds_mask", "bool", (1, c))],
-                        "results": [arg("logits", "float32", (1, 1, v))],
-                        "doc": "tokens start..start+length-1 (the rest of the chunk is padding); logits of the last real "
-                               "one. Where embeds_mask is True, embeds replaces the token's embedding (soft tokens, "
-                               "multimodal token ids)"},
-            "decode": {"args": [arg("input_ids", "int64", (1, 1)), arg("per_layer_rows", "float32", (1, 1, rows)),
-                                arg("start", "int64", (1,))],
-                       "results": [arg("logits", "float32", (1, 1, v))],
-                       "doc": "one token at position start"},
-        },
-        "per_layer_rows": {"parameter": PLE_TABLE, "dtype": _dtype_name(text.embed_tokens_per_layer.weight.dtype),
-                           "shape": [cfg.vocab_size_per_layer_input, rows],
-                           "rule": "row = id if 0 <= id < shape[0] else 0; gathered on the host, passed as float32"},
-        "kv_cache": {
-            "storage": "module globals kv_cache_0.. (k, v per KV-owning layer), updated in place",
-            "layers": [{"layer": layer, "kind": cfg.layer_types[layer],
-                        "slots": exported.cache_shapes[2 * i][2],
-                        "ring": cfg.is_sliding(layer), "shape": list(exported.cache_shapes[2 * i])}
-                       for i, layer in enumerate(cfg.kv_layers)],
-            "shared": {str(i): cfg.kv_source(i) for i in range(cfg.num_hidden_layers) if cfg.kv_source(i) != i},
-        },
-        "tokenizer": {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
-                      "add_bos_token": tok_cfg.get("add_bos_token", True), "chat_template": template},
-        "stop_token_ids": list(cfg.eos_token_id),
-        "parameters": None,
-        "targets": {},
-    }
+    return TokenizerInfo(cfg.bos_token_id, cfg.pad_token_id, tok_cfg.get("add_bos_token", True), template)
 
 
-__all__ = ["compile_model", "CompileError", "CheckpointError", "MANIFEST"]
+def _manifest(ckpt: Checkpoint, text, exported: ExportedText, towers: list[Tower], encoders: list[ExportedEncoder],
+              max_context: int, quant: str, group_size: int) -> Manifest:
+    """Everything but `parameters` and `targets`, which depend on what the folder already holds."""
+    cfg = text.config
+    rows = cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+    layers = tuple(CacheLayer(layer, cfg.layer_types[layer], exported.cache_shapes[2 * i][2], cfg.is_sliding(layer),
+                              exported.cache_shapes[2 * i]) for i, layer in enumerate(cfg.kv_layers))
+    shared = {str(i): cfg.kv_source(i) for i in range(cfg.num_hidden_layers) if cfg.kv_source(i) != i}
+    manifest = Manifest(
+        g3n_version=__version__, source=str(ckpt.folder), source_fingerprint=_source_fingerprint(ckpt.folder),
+        config=cfg.to_hf_dict(), max_context=max_context,
+        prefill_chunk=exported.functions["prefill"].arg("input_ids").shape[1],
+        weight_dtype=_dtype_name(text.embed_tokens.weight.dtype),
+        quantization=({"weights": "int4", "group_size": group_size, "scheme": "symmetric, f16 scales",
+                       "layout": INT4_LAYOUT}
+                      if quant == "int4" else "none"),
+        activation_dtype="float32", functions=exported.functions,
+        per_layer_rows=PerLayerRows(PLE_TABLE, _dtype_name(text.embed_tokens_per_layer.weight.dtype),
+                                    (cfg.vocab_size_per_layer_input, rows)),
+        kv_cache=KvCache(KvCache.STORAGE, layers, shared), tokenizer=_tokenizer(ckpt.folder, cfg),
+        stop_token_ids=tuple(cfg.eos_token_id))
+    if encoders:
+        try:
+            manifest.prompt_tokens = prompt_tokens(ckpt.raw_config, cfg.vocab_size)
+        except ConfigError as e:
+            raise CheckpointError(f"{ckpt.folder}: {e}") from None
+        first, count = token_ids(towers)
+        manifest.encoders = {e.kind: e.abi for e in encoders}
+        manifest.multimodal_tokens = TokenTable(TOKEN_TABLE, first, "float32", (count, cfg.hidden_size))
+    return manifest
+
+
+__all__ = ["compile_model", "CompileError", "CheckpointError"]

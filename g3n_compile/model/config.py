@@ -167,7 +167,7 @@ def _from_text_dict(d: dict[str, Any], scope: str) -> TextConfig:
     if d.get("rope_scaling") is not None:
         raise ConfigError(f"{scope}rope_scaling: {d['rope_scaling']!r} is not supported (expected null)")
 
-    n = _int(scope, "num_hidden_layers", field("num_hidden_layers", required=True))
+    n = config_int(scope, "num_hidden_layers", field("num_hidden_layers", required=True))
     inter = field("intermediate_size", required=True)
     inter = tuple(inter) if isinstance(inter, list) else (inter,) * n
     layer_types = field("layer_types")
@@ -182,7 +182,7 @@ def _from_text_dict(d: dict[str, Any], scope: str) -> TextConfig:
     theta_full, theta_sliding = _rope_thetas(d, scope)
     softcap = field("final_logit_softcapping")
 
-    return _scoped(scope, lambda: TextConfig(
+    return scoped(scope, lambda: TextConfig(
         vocab_size=field("vocab_size", required=True),
         vocab_size_per_layer_input=field("vocab_size_per_layer_input", required=True),
         hidden_size=field("hidden_size", required=True),
@@ -212,7 +212,7 @@ def _from_text_dict(d: dict[str, Any], scope: str) -> TextConfig:
     ))
 
 
-def _scoped(scope: str, build):
+def scoped(scope: str, build):
     """Run `build`, re-labelling validation errors with where the field lives in config.json."""
     try:
         return build()
@@ -240,14 +240,14 @@ def _rope_thetas(d: dict[str, Any], scope: str) -> tuple[float, float]:
     return thetas[FULL], thetas[SLIDING]
 
 
-def _int(scope: str, name: str, v: Any, minimum: int = 1) -> int:
+def config_int(scope: str, name: str, v: Any, minimum: int = 1) -> int:
     """`scope` is the prefix naming where the field lives, e.g. 'config.json: text_config.'."""
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ConfigError(f"{scope}{name}: expected an integer >= {minimum}, got {v!r}")
     return v
 
 
-def _num(scope: str, name: str, v: Any, positive: bool = True) -> float:
+def config_number(scope: str, name: str, v: Any, positive: bool = True) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
         raise ConfigError(f"{scope}{name}: expected a {'positive ' if positive else ''}number, got {v!r}")
     return float(v)
@@ -258,18 +258,18 @@ def _validate(c: TextConfig) -> None:
     for name in ("vocab_size", "vocab_size_per_layer_input", "hidden_size", "hidden_size_per_layer_input",
                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
                  "altup_num_inputs", "laurel_rank", "max_position_embeddings"):
-        _int(s, name, getattr(c, name))
-    _int(s, "num_kv_shared_layers", c.num_kv_shared_layers, minimum=0)
+        config_int(s, name, getattr(c, name))
+    config_int(s, "num_kv_shared_layers", c.num_kv_shared_layers, minimum=0)
     for name in ("pad_token_id", "bos_token_id"):
-        _int(s, name, getattr(c, name), minimum=0)
+        config_int(s, name, getattr(c, name), minimum=0)
     for i, e in enumerate(c.eos_token_id):
-        _int(s, f"eos_token_id[{i}]", e, minimum=0)
+        config_int(s, f"eos_token_id[{i}]", e, minimum=0)
     for name in ("rope_theta_full", "rope_theta_sliding", "rms_norm_eps"):
-        _num(s, name, getattr(c, name))
+        config_number(s, name, getattr(c, name))
     if c.final_logit_softcapping is not None:
-        _num(s, "final_logit_softcapping", c.final_logit_softcapping)
+        config_number(s, "final_logit_softcapping", c.final_logit_softcapping)
     if c.altup_coef_clip is not None:
-        _num(s, "altup_coef_clip", c.altup_coef_clip)
+        config_number(s, "altup_coef_clip", c.altup_coef_clip)
     if not isinstance(c.altup_correct_scale, bool):
         raise ConfigError(f"{s}altup_correct_scale: expected true or false, got {c.altup_correct_scale!r}")
     n = c.num_hidden_layers
@@ -277,7 +277,7 @@ def _validate(c: TextConfig) -> None:
         if len(getattr(c, name)) != n:
             raise ConfigError(f"{s}{name}: expected {n} entries (one per layer), got {len(getattr(c, name))}")
     for i, w in enumerate(c.intermediate_size):
-        _int(s, f"intermediate_size[{i}]", w)
+        config_int(s, f"intermediate_size[{i}]", w)
     for i, t in enumerate(c.layer_types):
         if t not in (SLIDING, FULL):
             raise ConfigError(f"{s}layer_types[{i}]: {t!r} is not supported (expected {SLIDING!r} or {FULL!r})")

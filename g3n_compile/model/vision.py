@@ -20,17 +20,14 @@ The encoder computes in its weights' dtype (timm's RMSNorm2d does not upcast); t
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import Linear, RMSNorm
+from .embedder import MultimodalEmbedder
 from .vision_config import NORM_EPS, Block, MobileNetV5Arch, VisionConfig, mid_channels
 
-TOWER_PREFIX = "vision_tower.timm_model."
-EMBEDDER_PREFIX = "embed_vision."
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -272,28 +269,6 @@ class MobileNetV5(nn.Module):
 # ---- the embedder and the whole path ---------------------------------------------------------------
 
 
-class VisionEmbedder(nn.Module):
-    """`embed_vision`: vision features (soft) or the vision token ids (hard) -> the text model's width."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.vocab_offset = cfg.vocab_offset
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.hard_embedding_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.soft_embedding_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.embedding_projection = Linear(cfg.hidden_size, cfg.text_hidden_size)
-        self.embedding_post_projection_norm = RMSNorm(cfg.text_hidden_size, cfg.rms_norm_eps, with_scale=False)
-
-    def soft(self, features: Tensor) -> Tensor:
-        """[B, T, hidden] encoder tokens -> [B, T, text_hidden]."""
-        return self.embedding_post_projection_norm(self.embedding_projection(self.soft_embedding_norm(features)))
-
-    def hard(self, input_ids: Tensor) -> Tensor:
-        """Ids in vocab_offset .. vocab_offset + vocab_size - 1 (e.g. <end_of_image>) -> [.., text_hidden]."""
-        rows = self.embedding(input_ids - self.vocab_offset)
-        return self.embedding_post_projection_norm(self.embedding_projection(self.hard_embedding_norm(rows)))
-
-
 class Gemma3nVisionModel(nn.Module):
     """pixels [B, 3, H, W] -> soft-token embeddings [B, soft_tokens, text_hidden]."""
 
@@ -302,7 +277,7 @@ class Gemma3nVisionModel(nn.Module):
         self.config = cfg
         # As in the checkpoint: transformers' TimmWrapperModel keeps timm's model as `timm_model`.
         self.vision_tower = nn.ModuleDict({"timm_model": MobileNetV5(cfg.arch, cfg.hidden_size)})
-        self.embed_vision = VisionEmbedder(cfg)
+        self.embed_vision = MultimodalEmbedder(cfg)
 
     @property
     def encoder(self) -> MobileNetV5:
@@ -316,42 +291,3 @@ class Gemma3nVisionModel(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         # get_image_features scales the tokens by sqrt(hidden) before the embedder's norm.
         return self.embed_vision.soft(self.image_tokens(pixels) * self.config.hidden_size**0.5)
-
-
-def vision_tensor_names(ckpt, model: Gemma3nVisionModel) -> list[tuple[str, str]]:
-    """(model parameter name, checkpoint tensor name) for every parameter; raises one CheckpointError
-    listing missing, unexpected and wrong-shaped `model.vision_tower.*` / `model.embed_vision.*` tensors."""
-    from .checkpoint import raise_problems
-
-    expected = dict(model.named_parameters())
-    found, unexpected, wrong = {}, [], []
-    for stored in ckpt.location:
-        name = stored.removeprefix("model.")
-        if not name.startswith((TOWER_PREFIX, EMBEDDER_PREFIX)):
-            continue
-        if name not in expected:
-            unexpected.append(stored)
-            continue
-        shape = ckpt.files[ckpt.location[stored]].tensors[stored].shape
-        if shape != tuple(expected[name].shape):
-            wrong.append(f"{stored}: {list(shape)} in the file, {list(expected[name].shape)} expected")
-        found[name] = stored
-    missing = ["model." + n for n in expected if n not in found]
-    raise_problems(ckpt, missing, unexpected, wrong)
-    return list(found.items())
-
-
-def load_vision_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> Gemma3nVisionModel:
-    """The vision tower and embedder from a multimodal checkpoint folder, tensor by tensor (tensors already
-    in `dtype` stay memory-mapped)."""
-    from .checkpoint import Checkpoint, CheckpointError, fill_from_checkpoint
-    from .config import ConfigError
-
-    ckpt = Checkpoint(folder)
-    try:
-        cfg = VisionConfig.from_hf_dict(ckpt.raw_config)
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt.folder}: {e}") from None
-    with torch.device("meta"):
-        model = Gemma3nVisionModel(cfg)
-    return fill_from_checkpoint(model, ckpt, vision_tensor_names(ckpt, model), dtype)

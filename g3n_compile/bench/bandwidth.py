@@ -11,37 +11,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from pathlib import Path
+
+import numpy as np
 
 from .c_program import build_c_program
 
-_SOURCE = r"""
-#include <omp.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-
-int main(int argc, char **argv) {
-    size_t n = strtoull(argv[1], 0, 10) / sizeof(uint64_t);
-    int passes = atoi(argv[2]);
-    uint64_t *a = aligned_alloc(64, n * sizeof(uint64_t));
-    if (!a) return 1;
-    #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) a[i] = i;
-    double best = 1e30;
-    uint64_t check = 0;
-    for (int p = 0; p < passes; p++) {
-        uint64_t sum = 0;
-        double t0 = omp_get_wtime();
-        #pragma omp parallel for schedule(static) reduction(+:sum)
-        for (size_t i = 0; i < n; i++) sum += a[i];
-        double t = omp_get_wtime() - t0;
-        if (t < best) best = t;
-        check ^= sum;
-    }
-    printf("%.6f %d %llu\n", best, omp_get_max_threads(), (unsigned long long)check);
-    return 0;
-}
-"""
+_SOURCE = Path(__file__).with_name("bandwidth.c")
 
 
 def measure_bandwidth(nbytes: int = 2 << 30, passes: int = 5) -> dict:
@@ -61,8 +37,6 @@ def measure_bandwidth(nbytes: int = 2 << 30, passes: int = 5) -> dict:
 
 
 def _numpy_bandwidth(nbytes: int, passes: int) -> dict:
-    import numpy as np
-
     a = np.arange(nbytes // 8, dtype=np.uint64)
     best = min(_timed(a.sum) for _ in range(passes))
     return {"gb_per_s": a.nbytes / best / 1e9, "threads": 1, "buffer_bytes": a.nbytes,

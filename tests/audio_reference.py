@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from g3n_compile.audio import AudioConfig, tiny_audio_config
-from g3n_compile.safetensors_io import write_safetensors
+from g3n_compile.model.audio_config import AudioConfig, tiny_audio_config
+from g3n_compile.checkpoint.safetensors import write_safetensors
 from reference import CONFIGS as TEXT_CONFIGS, hf_model as hf_text_model, rerandomise
 
 TEXT = TEXT_CONFIGS["hf-test"]  # vocab 96, hidden 16: the audio ids are its last ones

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from g3n_compile.config import FULL, SLIDING, TextConfig
-from g3n_compile.safetensors_io import write_safetensors
+from g3n_compile.model.config import FULL, SLIDING, TextConfig
+from g3n_compile.checkpoint.safetensors import write_safetensors
 
 
 def hf_text_config(cfg: TextConfig):

@@ -2,15 +2,16 @@
 re-randomised weights, loaded from a real multimodal checkpoint; fixed-shape inputs with padding masks."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from audio_reference import CONFIGS, TEXT, hf_audio, hf_soft_tokens, save_multimodal_checkpoint
-from g3n_compile.audio import AudioConfig, AudioModel, load_audio_model
 from g3n_compile.checkpoint import CheckpointError, load_text_model
-from g3n_compile.safetensors_io import SafetensorsFile, write_safetensors
+from g3n_compile.checkpoint.safetensors import SafetensorsFile, write_safetensors
+from g3n_compile.model.audio import AudioModel
+from g3n_compile.model.audio_config import AudioConfig
+from loaders import load_audio_model
 
 TOL = 1e-4
 

@@ -7,12 +7,14 @@ import torch
 
 from audio_reference import CONFIGS, hf_audio, hf_soft_tokens, save_multimodal_checkpoint
 from g3n_compile.archive import write_archive
-from g3n_compile.audio import load_audio_model
-from g3n_compile.export_audio import FUNCTION, export_program, import_program
-from runtime.audio import LogMelSpec, log_mel, pad_to_frames
+from g3n_compile.export.program import EntryPoint, example_args, export_module, trace
+from loaders import load_audio_model
+from runtime.abi import audio_function
+from runtime.audio import log_mel, pad_to_frames
 
 FRAMES = 400  # 4 s: 25 conformer steps, 3 attention chunks, 7 soft tokens before padding
 CFG = CONFIGS["tiny-random"]
+FUNCTION = audio_function(FRAMES, CFG.input_feat_size, CFG.soft_tokens, CFG.text_hidden_size)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,8 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audio-export")
     encoder, embedder = hf_audio(CFG, seed=11)
     model = load_audio_model(save_multimodal_checkpoint(CFG, encoder, embedder, tmp / "ckpt"))
-    return encoder, embedder, model, export_program(model, FRAMES), tmp
+    entry = EntryPoint(FUNCTION.name, model, example_args(FUNCTION))
+    return encoder, embedder, model, entry, trace(entry), tmp
 
 
 def clips():
@@ -35,7 +38,7 @@ def clips():
 
 
 def test_exported_program_matches_eager(built):
-    encoder, embedder, model, program, tmp = built
+    encoder, embedder, model, _, program, tmp = built
     program = program.module()
     for _, _, (features, mask) in clips():
         x, m = torch.from_numpy(features), torch.from_numpy(mask)
@@ -49,8 +52,8 @@ def test_compiled_cpu_module_matches_transformers(built):
 
     from targets.cpu import compile_flags
 
-    encoder, embedder, model, program, tmp = built
-    exported = import_program(model, program, FRAMES)
+    encoder, embedder, model, entry, _, tmp = built
+    exported = export_module([entry])
     assert "#stream.parameter.named" in exported.mlir
     params = dict(model.named_parameters())
     assert set(exported.parameters) == set(params)  # every weight comes from the archive
@@ -65,7 +68,7 @@ def test_compiled_cpu_module_matches_transformers(built):
     modules = [rt.create_io_parameters_module(config.vm_instance, index.create_provider(scope="model")),
                rt.create_hal_module(config.vm_instance, config.device), rt.VmModule.mmap(config.vm_instance, str(vmfb))]
     audio = rt.FunctionInvoker(rt.VmContext(config.vm_instance, modules=modules), config.device,
-                               modules[-1].lookup_function(FUNCTION))
+                               modules[-1].lookup_function(FUNCTION.name))
     for features, mask, (x, m) in clips():
         out = np.array(audio(x, m).to_host())
         with torch.no_grad():

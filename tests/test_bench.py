@@ -7,18 +7,20 @@ import math
 
 import pytest
 
-from g3n_compile.bench import kv_bytes_read, main
-from g3n_compile.bench_report import _kernel, markers
-from g3n_compile.config import E2B, E4B
-from g3n_compile.kernel_bench import measure_kernel, prefill_shapes
+from g3n_compile.bench.cli import main
+from g3n_compile.bench.roofline import kv_bytes_read
+from g3n_compile.bench.report import _kernel, markers
+from g3n_compile.model.config import E2B, E4B
+from g3n_compile.bench.kernel import measure_kernel, prefill_shapes
 from runtime.archive import ArchiveReader
-from targets.cpu_kernels import host_isas
+from targets.int4_kernel.build import host_isas
 
 PROMPTS, CONTEXTS, STEPS = [4, 8], [0, 20], 3
 
 
-def test_kv_bytes_match_the_architecture_notes():
-    # gemma3n-architecture.md §6.4: at S = 4096, bf16, E2B reads 24 sliding (512 positions) + 6 full layers.
+def test_kv_bytes_match_the_architecture():
+    # At S = 4096, bf16, E2B reads 24 sliding layers' 512 positions and 6 full layers' 4096 (KV-shared layers read
+    # their source's cache: every layer counts), 2 KV heads x 256 x k and v = 2048 bytes per position.
     assert kv_bytes_read(E2B, 4096, 2) == 24 * 2048 * 512 + 6 * 2048 * 4096
     assert kv_bytes_read(E4B, 4096, 2) == 28 * 2048 * 512 + 7 * 2048 * 4096
     assert kv_bytes_read(E2B, 0, 4) == 0
@@ -113,7 +115,7 @@ def test_bench_errors(tmp_path, capsys):
 
 
 def test_kernel_bench_shapes_are_the_models_int4_linears():
-    # E2B (architecture notes): q 8x256, k/v 2x256 each, LAuReL rank 64, MLP 8192, the last 10 layers KV-shared.
+    # E2B: q 8x256, k/v 2x256 each, LAuReL rank 64, MLP 8192, the last 10 layers KV-shared.
     assert sorted(prefill_shapes(E2B)) == [("mlp.down", 2048, 8192, 30), ("mlp.gate/up", 8192, 2048, 60),
                                            ("o", 2048, 2048, 30), ("q/k/v/laurel-left", 3136, 2048, 20),
                                            ("q/laurel-left (KV-shared layers)", 2112, 2048, 10)]
@@ -121,7 +123,7 @@ def test_kernel_bench_shapes_are_the_models_int4_linears():
 
 @pytest.mark.skipif(not host_isas(), reason="no int4 kernel variant for this CPU (x86-64 only)")
 def test_kernel_bench_measures_the_linked_kernel():
-    from g3n_compile.tiny_random import CONFIG
+    from g3n_compile.checkpoint.tiny_random import CONFIG
 
     k = measure_kernel(CONFIG, chunk=8, threads=1, log=lambda _: None)
     shapes = prefill_shapes(CONFIG)

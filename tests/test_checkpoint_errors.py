@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from g3n_compile.checkpoint import CheckpointError, load_text_model
-from g3n_compile.model import load_model
-from g3n_compile.safetensors_io import write_safetensors
+from g3n_compile.checkpoint import load_model
+from g3n_compile.checkpoint.safetensors import write_safetensors
 from reference import CONFIGS, hf_model, save_checkpoint
 
 CFG = CONFIGS["hf-test"]
@@ -32,7 +32,7 @@ def error_of(folder) -> str:
 
 def rewrite_shard(folder, edit):
     """Rewrite the first shard with edit(dict name -> tensor)."""
-    from g3n_compile.safetensors_io import SafetensorsFile
+    from g3n_compile.checkpoint.safetensors import SafetensorsFile
     path = sorted(folder.glob("model-*.safetensors"))[0]
     st = SafetensorsFile(path)
     tensors = {n: st.tensor(n).clone() for n in st.keys()}

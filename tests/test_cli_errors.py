@@ -1,11 +1,12 @@
 """User mistakes end in one clear `error:` line and a non-zero exit, never a traceback."""
 
+import json
 import shutil
 
 import pytest
 
 from g3n_compile.cli import main as g3n_compile
-from g3n_compile.pipeline import compile_model
+from g3n_compile.compile import compile_model
 from runtime.cli import main as g3n_run
 
 
@@ -36,7 +37,7 @@ def test_compile_non_checkpoint_folder(tmp_path, capsys):
 
 
 def test_compile_truncated_safetensors(tmp_path, capsys):
-    from g3n_compile.presets import resolve_checkpoint
+    from g3n_compile.checkpoint import resolve_checkpoint
     ckpt = shutil.copytree(resolve_checkpoint("tiny-random"), tmp_path / "ckpt")
     shard = sorted(ckpt.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -54,6 +55,19 @@ def test_compile_unknown_target_and_bad_context(tmp_path, capsys):
 def test_run_not_an_output_folder(tmp_path, capsys):
     assert g3n_run([str(tmp_path), "--prompt", "hi"]) != 0
     assert "not a g3n output folder" in one_error(capsys, "g3n-run")
+
+
+@pytest.mark.parametrize("version", [None, 2])
+def test_run_folder_of_another_abi(tiny_out, tmp_path, capsys, version):
+    """A folder written before the ABI was versioned (no `abi_version`), or by a newer g3n, says recompile."""
+    old = shutil.copytree(tiny_out, tmp_path / "old")
+    manifest = json.loads((old / "g3n.json").read_text())
+    manifest.pop("abi_version")
+    if version is not None:
+        manifest["abi_version"] = version
+    (old / "g3n.json").write_text(json.dumps(manifest))
+    assert g3n_run([str(old), "--prompt", "hi"]) != 0
+    assert "recompile the folder with g3n-compile" in one_error(capsys, "g3n-run")
 
 
 def test_run_vmfb_irpa_mismatch(tiny_out, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from g3n_compile.checkpoint import load_text_model
-from g3n_compile.pipeline import compile_model
+from g3n_compile.compile import compile_model
 from reference import CONFIGS, hf_model, save_checkpoint
 from runtime import load
 

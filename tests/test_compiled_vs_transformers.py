@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from g3n_compile.pipeline import compile_model
+from g3n_compile.compile import compile_model
 from reference import CONFIGS, hf_model, save_checkpoint
 from runtime.cli import main as g3n_run
 

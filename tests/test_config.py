@@ -1,6 +1,6 @@
 import pytest
 
-from g3n_compile.config import E2B, E4B, FULL, SLIDING, ConfigError, TextConfig
+from g3n_compile.model.config import E2B, E4B, FULL, SLIDING, ConfigError, TextConfig
 
 
 def test_presets_have_the_real_values():

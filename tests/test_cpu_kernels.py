@@ -1,7 +1,8 @@
-"""g3n's int4 x int8 C kernels (targets/cpu_kernels) against numpy, for every variant this machine runs.
+"""g3n's int4 x int8 C kernels (targets/int4_kernel) against numpy, for every variant this machine runs.
 
-Inputs are built in natural order and put into the kernel's orders by the pass's own `relayout` /
-`activation_order`, so a layout mistake on either side shows up as a wrong product."""
+Inputs are built in natural order; the weights are put into the kernel's order by the product's own
+`weight_order`, the activations by `activation_order` below, written from layout.py's description (in the
+module, the quantize dispatch writes them), so a layout mistake on either side shows up as a wrong product."""
 
 import ctypes
 import subprocess
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from passes.int4_cpu_kernel import WORKGROUPS, activation_order, relayout, rows_per_workgroup, supported
-from passes.int4_pack import quantize
-from targets.cpu_kernels import build_object, build_shared, host_isas, isa_for, symbol
+from passes.int4_pack import quantize_codes
+from targets.int4_kernel.build import build_object, build_shared, host_isas, isa_for, symbol
+from targets.int4_kernel.layout import GROUP, WORKGROUPS, rows_per_workgroup, superblock, takes, weight_order
 
 ISAS = host_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="no int4 kernel variant for this CPU (x86-64 only)")
@@ -21,6 +22,14 @@ pytestmark = pytest.mark.skipif(not ISAS, reason="no int4 kernel variant for thi
 # 2560 (5 superblocks), and more activation rows than the kernel's block of 4.
 SHAPES = [(1, 37, 512), (3, 50, 1024), (5, 19, 96), (1, 16, 32), (2, 33, 2560), (6, 7, 64), (9, 5, 448),
           (6, 9, 4608)]  # the last: two row blocks, K in chunks of 2048 + 2048 + 512
+
+
+def activation_order(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] in the kernel's activation order, [M][B][8][S][4]: element (b, j, s, i) is x at
+    k = 32(bS + s) + 4j + i."""
+    m, k = x.shape
+    s = superblock(k)
+    return x.reshape(m, k // (GROUP * s), s, 8, 4).permute(0, 1, 3, 2, 4).reshape(m, k)
 
 
 def _kernel(isa):
@@ -34,7 +43,7 @@ def _run(isa, xq, xd, w, ws, n, row_splits):
     """The kernel over [M, N], its rows split like IREE's workgroups (the last range may run past N)."""
     m, k = xq.shape
     xq, xd = np.ascontiguousarray(activation_order(torch.from_numpy(xq)).numpy()), np.ascontiguousarray(xd)
-    w = np.ascontiguousarray(relayout(torch.from_numpy(w)).numpy())
+    w = np.ascontiguousarray(weight_order(torch.from_numpy(w)).numpy())
     ws = np.ascontiguousarray(ws.view(np.uint16))
     y = np.full((m, n), np.nan, np.float32)
     fn = _kernel(isa)
@@ -45,24 +54,18 @@ def _run(isa, xq, xd, w, ws, n, row_splits):
 
 def _inputs(m, n, k, seed, unit_scales=False):
     g = torch.Generator().manual_seed(seed)
-    packed, scales = quantize(torch.randn(n, k, generator=g), 32)
+    codes, scales = quantize_codes(torch.randn(n, k, generator=g), 32)
     xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).numpy()
     xd = (torch.rand(m, k // 32, generator=g) * 0.1).numpy()
     if unit_scales:
         scales, xd = torch.ones_like(scales), np.ones_like(xd)
-    return xq, xd, packed.numpy(), scales.numpy()
+    return xq, xd, codes.numpy(), scales.numpy()
 
 
-def _codes(packed):
-    b = packed.view(np.uint8)
-    nib = np.stack([b & 0xF, b >> 4], -1).reshape(b.shape[0], -1).astype(np.int64)
-    return np.where(nib > 7, nib - 16, nib)  # [N, K] in -8..7
-
-
-def _reference(xq, xd, packed, scales):
+def _reference(xq, xd, codes, scales):
     """Per-group integer dot products (exact, int64), then the two scales applied in float64."""
     m, k = xq.shape
-    codes = _codes(packed)
+    codes = codes.astype(np.int64)
     dots = np.einsum("mgj,ngj->mng", xq.astype(np.int64).reshape(m, -1, 32), codes.reshape(codes.shape[0], -1, 32))
     return dots, np.einsum("mng,ng,mg->mn", dots, scales.astype(np.float64), xd.astype(np.float64))
 
@@ -94,7 +97,7 @@ def test_kernel_rows_outside_the_range_are_untouched():
 def test_variant_selection_and_objects_are_self_contained():
     assert isa_for("generic") == "scalar"  # baseline x86-64: no AVX
     assert isa_for("x86-64-v3") == "avx2" and isa_for("x86-64-v4") in ("avx2", "avx512vnni")
-    assert [supported(k) for k in (64, 448, 512, 2048, 2560, 2080, 96, 40)] == [True] * 4 + [True, False, True, False]
+    assert [takes(k) for k in (64, 448, 512, 2048, 2560, 2080, 96, 40)] == [True] * 4 + [True, False, True, False]
     for isa in ISAS:  # IREE links the object into a freestanding executable: nothing may stay undefined
         obj = build_object(isa).read_bytes()
         assert obj[:4] == b"\x7fELF"

@@ -1,5 +1,7 @@
 """runtime/image.py vs transformers' Gemma 3n image processor (its Pillow backend) on files of many kinds."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -66,8 +68,8 @@ def _transformers(path, config):
 def test_pixels_match_transformers(images, size):
     folder, names = images
     config = dict(GEMMA3N_PREPROCESSOR, size={"height": size, "width": size})
-    spec = ImagePreprocessing.from_hf_dict(GEMMA3N_PREPROCESSOR).at_size(size)
-    assert spec == ImagePreprocessing().at_size(size)  # the defaults are Gemma 3n's
+    spec = replace(ImagePreprocessing.from_hf_dict(GEMMA3N_PREPROCESSOR), height=size, width=size)
+    assert spec == ImagePreprocessing(height=size, width=size)  # the defaults are Gemma 3n's
     for name in names:
         ours = pixels(folder / name, spec)
         ref = _transformers(folder / name, config)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from g3n_compile.pipeline import compile_model
+from g3n_compile.compile import compile_model
 from reference import CONFIGS, hf_model, save_checkpoint
 from runtime.cli import main as g3n_run
 from test_cli_errors import one_error
@@ -63,7 +63,7 @@ def test_targets_share_one_archive(folder):
         vmfb = out / entry["file"]
         assert vmfb.is_file() and entry["bytes"] == vmfb.stat().st_size and entry["flags"]
         int4 = next(p for p in entry["passes"] if p["name"] == "int4-pack")
-        assert (int4.get("stats", {}).get("rewritten", 0) > 0) == (quant == "int4"), int4
+        assert (int4.get("stats", {}).get("int4-linear", 0) > 0) == (quant == "int4"), int4
     t = manifest["targets"]
     assert (t["cpu"]["driver"], t["vulkan"]["driver"], t["cuda"]["driver"]) == ("local-task", "vulkan", "cuda")
     assert (t["cpu"]["arch"], t["vulkan"]["arch"], t["cuda"]["arch"]) == ("host", "llvmpipe", "sm_90")
@@ -78,7 +78,7 @@ def test_another_target_reuses_the_archive(folder, tmp_path):
     before = json.loads((out / "g3n.json").read_text())
     irpa_stat = os.stat(out / "model.irpa")
     manifest = compile_model(str(ckpt), "cuda", out, max_context=MAX_CONTEXT, chunk=CHUNK, archs={"cuda": "sm_80"},
-                             quant=quant, group_size=GROUP, log=lambda *_: None)
+                             quant=quant, group_size=GROUP, log=lambda *_: None).to_dict()
     assert os.stat(out / "model.irpa").st_mtime_ns == irpa_stat.st_mtime_ns
     assert manifest["parameters"] == before["parameters"]
     assert manifest["targets"]["cuda"]["arch"] == "sm_80" and b".target sm_80" in (out / "cuda.vmfb").read_bytes()
@@ -93,7 +93,7 @@ def test_another_build_replaces_the_folder(folder, tmp_path):
     out = shutil.copytree(original, tmp_path / "out")
     before = json.loads((out / "g3n.json").read_text())
     manifest = compile_model(str(ckpt), "cpu", out, max_context=64, chunk=CHUNK, quant=quant, group_size=GROUP,
-                             log=lambda *_: None)
+                             log=lambda *_: None).to_dict()
     assert manifest["parameters"]["archive_id"] != before["parameters"]["archive_id"]
     assert list(manifest["targets"]) == ["cpu"] and sorted(p.name for p in out.glob("*.vmfb")) == ["cpu.vmfb"]
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from g3n_compile.multimodal import multimodal_config
-from g3n_compile.pipeline import compile_model
-from g3n_compile.presets import resolve_checkpoint
-from g3n_compile.safetensors_io import write_safetensors
-from g3n_compile.tiny_random import AUDIO, CONFIG, PREPROCESSOR, TOKENS, VISION
-from g3n_compile.vision import MobileNetV5
+from g3n_compile.model.multimodal_config import multimodal_config
+from g3n_compile.compile import compile_model
+from g3n_compile.checkpoint import resolve_checkpoint
+from g3n_compile.checkpoint.safetensors import write_safetensors
+from g3n_compile.checkpoint.tiny_random import AUDIO, CONFIG, PREPROCESSOR, TOKENS, VISION
+from g3n_compile.model.vision import MobileNetV5
 from reference import rerandomise
 from runtime import load
 from runtime.audio import log_mel, load_audio

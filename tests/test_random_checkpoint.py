@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from g3n_compile import random_checkpoint
+from g3n_compile.checkpoint import random_weights as random_checkpoint
 from g3n_compile.checkpoint import Checkpoint, load_text_model
-from g3n_compile.config import E2B, E4B
-from g3n_compile.safetensors_io import SafetensorsFile, write_safetensors
-from g3n_compile.tiny_random import CONFIG
+from g3n_compile.model.config import E2B, E4B
+from g3n_compile.checkpoint.safetensors import SafetensorsFile, write_safetensors
+from g3n_compile.checkpoint.tiny_random import CONFIG
 
 
-def test_real_shapes_match_the_architecture_notes():
-    # gemma3n-architecture.md §5: text parameters (PLE table included), plus the k/v projections and k norms
+def test_real_shapes_match_the_published_sizes():
+    # Text parameters (PLE table included) as transformers counts them for E2B/E4B, plus the k/v projections and k norms
     # the Hub files carry for the KV-shared layers.
     shared = lambda cfg: cfg.num_kv_shared_layers * (2 * 512 * 2048 + 256)
     for cfg, params in ((E2B, 4_435_182_688), (E4B, 6_835_235_568)):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from g3n_compile.presets import resolve_checkpoint
-from g3n_compile.tiny_random import CHAT_TEMPLATE
+from g3n_compile.checkpoint import resolve_checkpoint
+from g3n_compile.checkpoint.tiny_random import CHAT_TEMPLATE
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -32,7 +32,7 @@ def test_chat_template_renders_gemma_turns():
                             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
     assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
                     "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
-    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Hi"}]), add_bos=False)
     assert ids[0] == 2 and ids.count(2) == 1 and tok.token_to_id("<start_of_turn>") in ids
     with pytest.raises(TokenizerError, match="alternate"):
         tok.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
@@ -54,6 +54,6 @@ def test_tokenizer_model_only_folder(tmp_path):
     tok = Tokenizer(folder, bos_token_id=2, chat_template=CHAT_TEMPLATE)
     ids = tok.encode("The cat sat on the sea.")
     assert ids[0] == 2 and all(0 <= i < 120 for i in ids) and tok.decode(ids[1:]) == "The cat sat on the sea."
-    chat = tok.encode_chat([{"role": "user", "content": "The cat"}])
+    chat = tok.encode(tok.render_chat([{"role": "user", "content": "The cat"}]), add_bos=False)
     assert chat.count(tok.token_to_id("<start_of_turn>")) == 2 and tok.token_to_id("<end_of_turn>") in chat
     assert tok.token_to_id("<no_such_piece>") is None

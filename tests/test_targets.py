@@ -1,4 +1,4 @@
-"""The target registry, its architecture names, and the Vulkan traps of toolchain notes §2 on small modules.
+"""The target registry, its architecture names, and the Vulkan traps (narrow types, f16, i64 remainder) on small modules.
 
 The Vulkan modules run on whatever Vulkan device is here: in CI, Mesa's llvmpipe (`.ci/run` installs it).
 """
@@ -9,7 +9,7 @@ import torch
 
 import targets
 from g3n_compile.cli import main as g3n_compile
-from g3n_compile.model import _mod
+from g3n_compile.model.text import _mod
 from runtime.device import Device, DeviceError, Readback
 
 

@@ -1,11 +1,10 @@
 import json
-from pathlib import Path
 
 import torch
 
-from g3n_compile.model import load_model
-from g3n_compile.presets import resolve_checkpoint
-from g3n_compile.tiny_random import CONFIG, write_tiny_random
+from g3n_compile.checkpoint import load_model
+from g3n_compile.checkpoint import resolve_checkpoint
+from g3n_compile.checkpoint.tiny_random import CONFIG, write_tiny_random
 
 
 def test_load_model_contract():

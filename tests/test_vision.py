@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from g3n_compile.checkpoint import CheckpointError
-from g3n_compile.config import ConfigError
-from g3n_compile.safetensors_io import SafetensorsFile, write_safetensors
-from g3n_compile.vision import Gemma3nVisionModel, load_vision_model
-from g3n_compile.vision_config import (MOBILENETV5_300M, MOBILENETV5_300M_NAME, TINY_IMAGE_SIZE, VisionConfig,
+from g3n_compile.model.config import ConfigError
+from g3n_compile.checkpoint.safetensors import SafetensorsFile, write_safetensors
+from g3n_compile.model.vision import Gemma3nVisionModel
+from loaders import load_vision_model
+from g3n_compile.model.vision_config import (MOBILENETV5_300M, MOBILENETV5_300M_NAME, TINY_IMAGE_SIZE, VisionConfig,
                                        parse_arch)
 from reference import CONFIGS, hf_text_config
 from vision_reference import random_model, save_checkpoint, tiny_config

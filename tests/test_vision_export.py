@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from g3n_compile.archive import write_archive
-from g3n_compile.export import PARAM_SCOPE
-from g3n_compile.export_vision import FUNCTION, export_vision_model
-from g3n_compile.vision_config import TINY_IMAGE_SIZE
+from g3n_compile.export.encoders import export_encoder
+from g3n_compile.export.program import PARAM_SCOPE
+from g3n_compile.model.vision_config import TINY_IMAGE_SIZE
 from reference import CONFIGS
+from runtime.image import ImagePreprocessing
 from targets import cpu
 from vision_reference import random_model, tiny_config
 
@@ -20,7 +21,7 @@ from vision_reference import random_model, tiny_config
 def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vision-export")
     model = random_model(tiny_config(CONFIGS["hf-test"].hidden_size), seed=6)
-    exported = export_vision_model(model, TINY_IMAGE_SIZE)
+    exported = export_encoder("vision", model, ImagePreprocessing(height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE))
     params = dict(model.named_parameters())
     write_archive(tmp / "model.irpa", exported.parameters, lambda n: params[n], log=lambda *_: None)
     (tmp / "vision.mlir").write_text(exported.mlir)
@@ -33,7 +34,7 @@ def compiled(tmp_path_factory):
                rt.create_hal_module(config.vm_instance, config.device),
                rt.VmModule.mmap(config.vm_instance, str(tmp / "vision.vmfb"))]
     context = rt.VmContext(config.vm_instance, modules=modules)
-    encode = rt.FunctionInvoker(context, config.device, modules[-1].lookup_function(FUNCTION))
+    encode = rt.FunctionInvoker(context, config.device, modules[-1].lookup_function(exported.abi.function))
     return model, exported, encode
 
 
@@ -53,5 +54,5 @@ def test_compiled_matches_eager(compiled):
         got = np.array(encode(pixels.numpy()).to_host())
         with torch.no_grad():
             ref = model(pixels).numpy()
-        assert got.shape == ref.shape == (1, exported.soft_tokens, CONFIGS["hf-test"].hidden_size)
+        assert got.shape == ref.shape == (1, exported.abi.soft_tokens, CONFIGS["hf-test"].hidden_size)
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

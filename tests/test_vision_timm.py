@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from g3n_compile.vision_config import MOBILENETV5_300M, MOBILENETV5_300M_NAME, TINY_IMAGE_SIZE, VisionConfig
+from g3n_compile.model.vision_config import MOBILENETV5_300M, MOBILENETV5_300M_NAME, TINY_IMAGE_SIZE, VisionConfig
 from vision_reference import random_model, tiny_config, tower_weights
 
 TOL = 1e-4

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g3n_compile.safetensors_io import write_safetensors
+from g3n_compile.checkpoint.safetensors import write_safetensors
 
 TORCH, TORCHVISION, TIMM = "2.14.1", "0.29.1", "1.0.29"  # a matching torch/torchvision pair
 SCRIPT = Path(__file__).with_name("timm_encoder.py")

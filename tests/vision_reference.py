@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
-from g3n_compile.config import TextConfig
-from g3n_compile.safetensors_io import write_safetensors
-from g3n_compile.vision import EMBEDDER_PREFIX, TOWER_PREFIX, Gemma3nVisionModel
-from g3n_compile.vision_config import TINY_MOBILENETV5, VisionConfig, custom_config
+from g3n_compile.checkpoint.safetensors import write_safetensors
+from g3n_compile.model.config import TextConfig
+from g3n_compile.model.vision import Gemma3nVisionModel
+from g3n_compile.model.vision_config import TINY_MOBILENETV5, VisionConfig, custom_config
+
+# The model's parameter names (the checkpoint's, `model.` stripped).
+TOWER_PREFIX, EMBEDDER_PREFIX = "vision_tower.timm_model.", "embed_vision."
 
 
 def tiny_config(text_hidden_size: int, hidden_size: int = 64) -> VisionConfig:

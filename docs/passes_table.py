@@ -42,7 +42,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from g3n_compile.pipeline import compile_model
+    from g3n_compile.compile import compile_model
     from reference import CONFIGS, hf_model, save_checkpoint
     from runtime import load
 
@@ -56,12 +56,12 @@ def main() -> None:
         manifest = compile_model(str(folder), "cpu", out, max_context=256, chunk=16, quant=quant,
                                  disabled_passes=disabled, dump_ir_after=["all"], dump_dir=dumps, log=lambda *_: None)
         final_ir = sorted(dumps.iterdir())[-1]
-        dispatches = decode_dispatches(final_ir, manifest["targets"]["cpu"]["flags"])
+        dispatches = decode_dispatches(final_ir, list(manifest.targets["cpu"].flags))
         llm = load(out)
         llm.generate(ids, max_new_tokens=8, ignore_eos=True)  # warm up
         speed = np.median([llm.generate(ids, max_new_tokens=64, ignore_eos=True).timings["decode_tokens_per_s"]
                            for _ in range(3)])
-        kv = sum(int(np.prod(layer["shape"])) * 4 for layer in manifest["kv_cache"]["layers"])
+        kv = sum(int(np.prod(layer.shape)) * 4 for layer in manifest.kv_cache.layers)
         rows.append((label, dispatches / cfg.num_hidden_layers, speed, (out / "model.irpa").stat().st_size, kv))
         print(rows[-1], flush=True)
     full_context_kv = 2 * 4 * 256 * cfg.num_key_value_heads * cfg.head_dim * len(cfg.kv_layers)

@@ -294,10 +294,10 @@ class _FoldedParameters:
         return self.symbols[name]
 
 
-class OneTokenPredict(Pattern):
-    """Router + predict of one token: one masked reduction for the router's sums, one for the stream mix."""
+class _OneTokenRouter(Pattern):
+    """A one-token router feeding the coefficient linear `COEFFICIENTS`, followed by what `chain` matches."""
 
-    name = "one-token-predict"
+    COEFFICIENTS = ""
 
     def __init__(self, folded: _FoldedParameters):
         self.folded = folded
@@ -306,42 +306,48 @@ class OneTokenPredict(Pattern):
         self.params = self.folded.bind(module)
         return ops(module, "torch.aten.mm")
 
+    def chain(self, linear: ir.Operation):
+        raise NotImplementedError
+
     def match(self, mm, ctx):
         router = _router(mm, self.params)
         weight = router and linear_weight(router.linear, self.params)
-        if weight is None or not weight.endswith("altup.prediction_coefs.weight"):
+        if weight is None or not weight.endswith(self.COEFFICIENTS):
             return None
-        found = _predict_chain(router.linear)
-        return (router, weight, *found) if found else None
+        found = self.chain(router.linear)
+        return (router, weight, found) if found else None
+
+
+class OneTokenPredict(_OneTokenRouter):
+    """Router + predict of one token: one masked reduction for the router's sums, one for the stream mix."""
+
+    name = "one-token-predict"
+    COEFFICIENTS = "altup.prediction_coefs.weight"
+
+    def chain(self, linear):
+        return _predict_chain(linear)
 
     def rewrite(self, site, ctx) -> None:
-        router, weight, streams, chain = site
+        router, weight, (streams, chain) = site
         emit = _Emitter(chain[-1], router, ctx.config.altup_num_inputs,
                         lambda *a: self.folded.declare(ctx, *a))
         chain[-1].result.replace_all_uses_with(emit.predict(streams, weight))
         erase_with_checks([*router.chain, *chain])  # so the matmuls later patterns see are those not fused
 
 
-class OneTokenCorrect(Pattern):
+class OneTokenCorrect(_OneTokenRouter):
     """Router + correct of one token: `coefs + 1` as one masked reduction over the router's sums. Keeps, for
     `SplitStreams`, each fused `coefs + 1` with the emitter that built it."""
 
     name = "one-token-correct"
+    COEFFICIENTS = "altup.correction_coefs.weight"
 
     def __init__(self, folded: _FoldedParameters):
-        self.folded, self.fused = folded, []
+        super().__init__(folded)
+        self.fused = []
 
-    def candidates(self, module) -> list:
-        self.params = self.folded.bind(module)
-        return ops(module, "torch.aten.mm")
-
-    def match(self, mm, ctx):
-        router = _router(mm, self.params)
-        weight = router and linear_weight(router.linear, self.params)
-        if weight is None or not weight.endswith("altup.correction_coefs.weight"):
-            return None
-        chain = _correct_chain(router.linear)
-        return (router, weight, chain) if chain else None
+    def chain(self, linear):
+        return _correct_chain(linear)
 
     def rewrite(self, site, ctx) -> None:
         router, weight, chain = site

@@ -8,14 +8,17 @@ from pathlib import Path
 
 from passes import PASSES
 from passes.pipeline import ordered
+from runtime.errors import run_cli
 from targets import TARGETS, list_targets
 
-from .checkpoint import CheckpointError
-from .compile import CompileError, compile_model
-from .model.config import ConfigError
+from .compile import compile_model
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli("g3n-compile", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
         prog="g3n-compile",
         description="Compile a Gemma 3n checkpoint (Hugging Face folder) into an output folder: model.irpa "
@@ -56,16 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.output or Path("out") / Path(args.model).name
     archs = {name: getattr(args, f"arch_{name}") for name in TARGETS if getattr(args, f"arch_{name}") is not None}
-    try:
-        compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk, archs=archs,
-                      dtype=args.dtype, group_size=args.group_size, disabled_passes=args.disable_pass,
-                      quant=("none" if args.model == "tiny-random" else "int4") if args.quant == "auto" else args.quant,
-                      dump_ir_after=[args.dump_ir_after[0]] if args.dump_ir_after else [],
-                      dump_dir=Path(args.dump_ir_after[1]) if args.dump_ir_after else None,
-                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (CheckpointError, ConfigError, CompileError) as e:
-        print(f"g3n-compile: error: {e}", file=sys.stderr)
-        return 1
+    compile_model(args.model, args.target, out, max_context=args.max_context, chunk=args.chunk, archs=archs,
+                  dtype=args.dtype, group_size=args.group_size, disabled_passes=args.disable_pass,
+                  quant=("none" if args.model == "tiny-random" else "int4") if args.quant == "auto" else args.quant,
+                  dump_ir_after=[args.dump_ir_after[0]] if args.dump_ir_after else [],
+                  dump_dir=Path(args.dump_ir_after[1]) if args.dump_ir_after else None,
+                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
 
 

@@ -29,6 +29,7 @@ from passes.ir import parameters
 from runtime.abi import (CacheLayer, EncoderModule, KvCache, Manifest, ManifestError, Parameters,
                          PerLayerRows, TargetModule, TokenizerInfo, TokenTable, sha256_file)
 from runtime.archive import ARCHIVE_ID, ArchiveReader
+from runtime.errors import UserError
 from targets import TARGETS
 
 from . import __version__
@@ -50,7 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json", PREPROCESSOR_CONFIG)
 
 
-class CompileError(RuntimeError):
+class CompileError(UserError, RuntimeError):
     """A compile request g3n cannot carry out; the message says why."""
 
 

@@ -19,12 +19,13 @@ import networkx as nx
 from iree.compiler import ir
 
 from runtime.abi import Function
+from runtime.errors import UserError
 
 from .ir import Pattern, apply_patterns, erase_dead, erase_unused_parameters, parse_module
 from .params import DerivedParameters
 
 
-class PassError(ValueError):
+class PassError(UserError, ValueError):
     """A pass request that cannot be honoured (unknown pass, broken dependency), or a pass that did not find
     what the model says it must."""
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .audio import LogMelSpec
+from .errors import UserError
 from .image import ImagePreprocessing
 
 FORMAT = "g3n-module"
@@ -38,7 +39,7 @@ ABI_VERSION = 1
 MANIFEST = "g3n.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A g3n.json that this runtime cannot use; the message says why and what to do."""
 
 

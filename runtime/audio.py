@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 SAMPLE_RATE = 16_000
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
     """Audio that g3n cannot use; the message names the file (or says what is wrong with the samples)."""
 
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from .errors import run_cli
 from .generate import load
 from .module import ModelError
 from .sampling import SamplingParams
@@ -22,6 +23,10 @@ def _ids(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli("g3n-run", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="g3n-run", description="Generate text with a compiled g3n folder.")
     p.add_argument("folder", help="output folder of g3n-compile")
     src = p.add_mutually_exclusive_group(required=True)

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 import iree.runtime as rt
 import numpy as np
 
+from .errors import UserError
+
 KINDS = {"cpu": "local-task", "vulkan": "vulkan", "cuda": "cuda"}  # device kind -> IREE driver
 # Parameters are read into memory instead of memory-mapped on these drivers: with a mapped archive, Vulkan
 # context creation failed in 3 of ~30 runs (DATA_LOSS in hal.fence.await), read into memory in none of 25.
 PRELOAD_PARAMETERS = {"vulkan"}
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """A device that does not exist here, or a device name that cannot be parsed."""
 
 

@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 BILINEAR, BICUBIC = 2, 3  # Pillow's resampling filter numbers, as preprocessor_config.json writes them
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that cannot be used; the message names the file and says why."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import features_from_file, log_mel, pad_to_frames
+from .errors import UserError
 from .image import pixels
 from .module import CompiledModel
 
@@ -28,7 +29,7 @@ IMAGE, AUDIO = "image", "audio"
 ENCODER = {IMAGE: "vision", AUDIO: "audio"}  # media kind -> the encoder (and g3n.json entry) that reads it
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A prompt's images or audio that do not fit its placeholders or the model; the message says why."""
 
 

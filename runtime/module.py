@@ -12,9 +12,10 @@ import numpy as np
 from .abi import MANIFEST, AudioEncoder, Function, Manifest, ManifestError, TargetModule, VisionEncoder, sha256_file
 from .archive import ArchiveReader, to_float32
 from .device import PRELOAD_PARAMETERS, Device, DeviceError, Readback
+from .errors import UserError
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A compiled folder (or a request to it) that cannot be used; the message says why."""
 
 

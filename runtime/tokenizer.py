@@ -10,8 +10,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from .errors import UserError
 
-class TokenizerError(RuntimeError):
+
+class TokenizerError(UserError, RuntimeError):
     pass
 
 

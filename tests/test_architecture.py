@@ -19,7 +19,7 @@ ALLOWED = {
     "checkpoint": {"checkpoint", "model", "runtime"},
     "export": {"export", "model", "runtime"},
     "compile": {"compile", "version", "checkpoint", "export", "model", "passes", "targets", "runtime"},
-    "cli": {"cli", "compile", "checkpoint", "model", "passes", "targets"},
+    "cli": {"cli", "compile", "checkpoint", "model", "passes", "targets", "runtime"},
     "bench": {"bench", "version", "compile", "checkpoint", "export", "model", "passes", "targets", "runtime"},
     "version": set(),
 }

@@ -5,8 +5,10 @@ the int4 kernel alone (kernel_driver.c), a per-dispatch profile of decode (decod
 
 import sys
 
+from runtime.errors import UserError
 
-class BenchError(RuntimeError):
+
+class BenchError(UserError, RuntimeError):
     """A benchmark that cannot run; the message says why."""
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import torch
+
+from runtime.errors import UserError
 
 from ..model.config import ConfigError, TextConfig
 from .safetensors import SafetensorsError, SafetensorsFile
@@ -26,7 +29,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be loaded; the message lists every problem found."""
 
 

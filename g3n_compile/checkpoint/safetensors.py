@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from runtime.errors import UserError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -27,7 +29,7 @@ NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError, ValueError):
     """A file that is not a complete, well-formed safetensors file."""
 
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import UserError
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json that g3n cannot compile; the message names the field."""
 
 

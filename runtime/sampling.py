@@ -3,12 +3,20 @@ optional repetition penalty (as in transformers: positive logits divided, negati
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
 
-@dataclass
+
+class SamplingError(UserError, ValueError):
+    """A sampling parameter out of its range; the message names it."""
+
+
+@dataclass(frozen=True)  # checked once, when made
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0: off
@@ -17,18 +25,31 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
+               "a finite number >= 0 (0: greedy)")
+        _check("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)")
+        _check("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1: off)")
+        _check("repetition_penalty", self.repetition_penalty,
+               _is_real(self.repetition_penalty) and self.repetition_penalty > 0, "a finite number > 0 (1: off)")
+        _check("seed", self.seed, self.seed is None or _is_int(self.seed) and self.seed >= 0,
+               "None or an integer >= 0 (numpy's random generators take no negative seeds)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise SamplingError(f"{name} must be {expected}, got {value!r}")
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -49,11 +70,11 @@ class Sampler:
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.greedy:
             return int(np.argmax(logits))
-        logits = logits / p.temperature
+        logits = (logits - logits.max()) / p.temperature  # <= 0: a tiny temperature cannot overflow to inf - inf
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
-        probs = np.exp(logits - logits.max())
+        probs = np.exp(logits)
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(-probs)

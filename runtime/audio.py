@@ -12,14 +12,17 @@ A clip is at most 30 s (480000 samples: the 188 audio tokens the model's prompt 
 audio is refused, not silently cut as transformers does: split it and send the pieces as separate clips.
 
 Files: WAV in PCM (8, 16, 24, 32 bit), IEEE float (32, 64 bit) or WAVE_FORMAT_EXTENSIBLE holding
-either, any rate and channel count. Other formats (FLAC, MP3, Ogg, compressed WAV) are refused with a
-message saying how to convert them: decoding them needs a native codec library, which the runtime does
-not depend on.
+either, at 1 to 384 kHz, with 1 to 32 channels. The header is validated (and the clip's length checked)
+before a sample is read, and samples are read a block at a time, so what a file can make the reader
+allocate is bounded by what 30 s of valid audio needs. Other formats (FLAC, MP3, Ogg, compressed WAV)
+are refused with a message saying how to convert them: decoding them needs a native codec library,
+which the runtime does not depend on.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,85 +44,137 @@ _PCM, _FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
 _OTHER_FORMATS = {b"fLaC": "FLAC", b"OggS": "Ogg", b"ID3": "MP3", b"\xff\xfb": "MP3", b"\xff\xf3": "MP3",
                   b"\xff\xf2": "MP3", b"FORM": "AIFF"}
 _CONVERT = "convert it to WAV first, e.g. `ffmpeg -i IN -ar 16000 -ac 1 OUT.wav`"
+# What a header may declare. Each bound keeps what is read, converted and resampled small before any
+# sample is touched: the rates span telephone audio to the fastest studio converters, and the channels
+# any surround or ambisonic layout.
+MIN_RATE, MAX_RATE, MAX_CHANNELS = 1_000, 384_000, 32
+MAX_SECONDS = 30  # 480000 samples at 16 kHz: what the 188 audio tokens of a prompt hold
+_READ_BYTES = 1 << 20  # samples are converted and mixed this many bytes at a time
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+@dataclass(frozen=True)
+class _Wav:
+    """What a WAV header says about its samples."""
+
+    rate: int
+    channels: int
+    tag: int  # _PCM or _FLOAT
+    width: int  # bytes per sample
+    data_offset: int
+    frames: int
+
+    @property
+    def block(self) -> int:
+        return self.channels * self.width
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float = MAX_SECONDS) -> np.ndarray:
     """The file's samples as float32 in [-1, 1], mixed down to mono (the channel mean) and resampled
-    to `sample_rate`."""
+    to `sample_rate`. The header is checked first (rate, channels, encoding, sizes, and a duration of at
+    most `max_seconds`), so a bad file is refused before its samples are read."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise AudioError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        rate, channels = _parse_wav(data)
+        with path.open("rb") as f:
+            wav = _read_header(f, os.fstat(f.fileno()).st_size)
+            if -(-wav.frames * sample_rate // wav.rate) > max_seconds * sample_rate:  # resampled length, exactly
+                raise AudioError(f"the clip is {wav.frames / wav.rate:.2f} s long; a clip is at most {max_seconds:g} s "
+                                 "(split it and send the pieces as separate clips)")
+            mono = _read_mono(f, wav)
     except AudioError as e:
         raise AudioError(f"{path}: {e}") from None
-    if channels.shape[0] == 0:
-        raise AudioError(f"{path}: the file holds no samples")
-    mono = channels.mean(axis=1, dtype=np.float64)
-    return resample(mono, rate, sample_rate).astype(np.float32)
+    except OSError as e:
+        raise AudioError(f"{path}: cannot read ({e.strerror or e})") from None
+    return resample(mono, wav.rate, sample_rate).astype(np.float32)
 
 
-def _parse_wav(data: bytes) -> tuple[int, np.ndarray]:
-    """(sample rate, samples [frames, channels] float) of a RIFF/WAVE file."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        kind = next((name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), None)
+def _read_header(f, file_size: int) -> _Wav:
+    """The RIFF/WAVE header of an open file, validated; reads the chunk headers and 'fmt ', skips the rest."""
+    riff = f.read(12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        kind = next((name for magic, name in _OTHER_FORMATS.items() if riff.startswith(magic)), None)
         if kind:
             raise AudioError(f"{kind} audio is not supported: {_CONVERT}")
         raise AudioError(f"not a WAV file (no RIFF/WAVE header); {_CONVERT}")
-    fmt, samples = None, None
-    offset = 12
-    while offset + 8 <= len(data):
-        chunk_id, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
-        body = data[offset + 8:offset + 8 + size]
+    fmt, data = None, None  # the 'fmt ' chunk's first bytes; the 'data' chunk's (offset, size)
+    while fmt is None or data is None:
+        head = f.read(8)
+        if len(head) < 8:
+            break
+        chunk_id, size = head[:4], struct.unpack("<I", head[4:])[0]
+        end = f.tell() + size + (size & 1)  # chunks are word-aligned
         if chunk_id == b"fmt ":
-            fmt = body
+            fmt = f.read(min(size, 26))  # 26: up to the extensible sub-format's tag
         elif chunk_id == b"data":
-            samples = body  # a data chunk cut short by a truncated file still holds whole frames
-        offset += 8 + size + (size & 1)  # chunks are word-aligned
+            data = f.tell(), size
+        f.seek(end)
     if fmt is None or len(fmt) < 16:
         raise AudioError("WAV file without a valid 'fmt ' chunk (truncated or corrupt)")
-    if samples is None:
+    if data is None:
         raise AudioError("WAV file without a 'data' chunk (truncated or corrupt)")
-    tag, n_channels, rate, _, block, bits = struct.unpack_from("<HHIIHH", fmt)
+    tag, channels, rate, _, block, bits = struct.unpack_from("<HHIIHH", fmt)
     if tag == _EXTENSIBLE and len(fmt) >= 26:
         tag = struct.unpack_from("<H", fmt, 24)[0]  # the sub-format GUID starts with the format tag
-    if n_channels == 0 or rate == 0:
-        raise AudioError(f"WAV header declares {n_channels} channels at {rate} Hz")
-    width = bits // 8
-    if tag == _PCM and bits in (8, 16, 24, 32):
-        values = _pcm(samples, width, n_channels, block)
-    elif tag == _FLOAT and bits in (32, 64):
-        values = _frames(samples, np.dtype(f"<f{width}"), n_channels, block)
-    else:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"WAV header declares a sample rate of {rate} Hz; supported: {MIN_RATE} to {MAX_RATE} Hz "
+                         f"(corrupt header?); {_CONVERT}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"WAV header declares {channels} channels; supported: 1 to {MAX_CHANNELS} (corrupt header?); "
+                         f"{_CONVERT}")
+    if not (tag == _PCM and bits in (8, 16, 24, 32) or tag == _FLOAT and bits in (32, 64)):
         kind = {_PCM: "PCM", _FLOAT: "float"}.get(tag, f"format tag 0x{tag:04x}")
         raise AudioError(f"unsupported WAV encoding ({bits}-bit {kind}; supported: 8/16/24/32-bit PCM, "
                          f"32/64-bit float); {_CONVERT}")
-    return rate, values.astype(np.float64)
+    if block != channels * (bits // 8):
+        raise AudioError(f"WAV header is inconsistent (block size {block} for {channels} channels of "
+                         f"{bits // 8} bytes)")
+    wav = _Wav(rate, channels, tag, bits // 8, data[0], data[1] // block)
+    if wav.frames == 0:
+        raise AudioError("the file holds no samples")
+    if data[0] + wav.frames * block > file_size:
+        raise AudioError(_truncated(wav, file_size - data[0]))
+    return wav
 
 
-def _frames(samples: bytes, dtype: np.dtype, n_channels: int, block: int) -> np.ndarray:
-    if block != dtype.itemsize * n_channels:
-        raise AudioError(f"WAV header is inconsistent (block size {block} for {n_channels} channels of "
-                         f"{dtype.itemsize} bytes)")
-    n = len(samples) // block
-    return np.frombuffer(samples, dtype=dtype, count=n * n_channels).reshape(n, n_channels)
+def _truncated(wav: _Wav, available: int) -> str:
+    return (f"the WAV header declares {wav.frames * wav.block} bytes of samples but the file holds {max(available, 0)} "
+            "(truncated, or written by a tool that did not finish it); re-save it as a complete WAV")
 
 
-def _pcm(samples: bytes, width: int, n_channels: int, block: int) -> np.ndarray:
-    """Integer PCM scaled to [-1, 1): 8-bit is unsigned, wider is signed little-endian."""
-    if width == 1:
-        return (_frames(samples, np.dtype("u1"), n_channels, block).astype(np.float64) - 128.0) / 128.0
-    if width == 3:  # no numpy dtype: place the 3 bytes in the top of an int32
-        raw = _frames(samples, np.dtype("u1"), n_channels * 3, block).reshape(-1, n_channels, 3)
-        wide = np.zeros(raw.shape[:2] + (4,), dtype=np.uint8)
-        wide[..., 1:] = raw
-        return wide.view("<i4")[..., 0].astype(np.float64) / 2.0**31
-    return _frames(samples, np.dtype(f"<i{width}"), n_channels, block).astype(np.float64) / 2.0 ** (8 * width - 1)
+def _read_mono(f, wav: _Wav) -> np.ndarray:
+    """The header's frames, read and mixed to mono a block at a time: float64 [frames]."""
+    mono = np.empty(wav.frames, dtype=np.float64)
+    step = max(1, _READ_BYTES // wav.block)
+    f.seek(wav.data_offset)
+    for start in range(0, wav.frames, step):
+        n = min(step, wav.frames - start)
+        raw = f.read(n * wav.block)
+        if len(raw) < n * wav.block:  # the file shrank since its size was read
+            raise AudioError(_truncated(wav, start * wav.block + len(raw)))
+        mono[start:start + n] = _decode(raw, wav).mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise AudioError("the file has NaN or infinite samples")
+    return mono
+
+
+def _decode(raw: bytes, wav: _Wav) -> np.ndarray:
+    """Whole frames of samples -> float64 [frames, channels]; integer PCM scaled to [-1, 1): 8-bit is
+    unsigned, wider is signed little-endian."""
+    if wav.tag == _FLOAT:
+        values = np.frombuffer(raw, dtype=f"<f{wav.width}")
+    elif wav.width == 1:
+        values = (np.frombuffer(raw, dtype="u1").astype(np.float64) - 128.0) / 128.0
+    elif wav.width == 3:  # no numpy dtype: place the 3 bytes in the top of an int32
+        wide = np.zeros((len(raw) // 3, 4), dtype=np.uint8)
+        wide[:, 1:] = np.frombuffer(raw, dtype="u1").reshape(-1, 3)
+        values = wide.view("<i4")[:, 0].astype(np.float64) / 2.0**31
+    else:
+        values = np.frombuffer(raw, dtype=f"<i{wav.width}").astype(np.float64) / 2.0 ** (8 * wav.width - 1)
+    return values.astype(np.float64, copy=False).reshape(-1, wav.channels)
 
 
 # ---- resampling -----------------------------------------------------------------------------------
+
+_MAX_BANK = 1 << 18  # filter coefficients (2 MB): bounds the resampler's memory for every pair of rates
 
 
 def resample(x: np.ndarray, from_rate: int, to_rate: int, zero_crossings: int = 32, kaiser_beta: float = 8.6
@@ -128,25 +183,35 @@ def resample(x: np.ndarray, from_rate: int, to_rate: int, zero_crossings: int = 
     evaluated at the output instant. The sinc's cutoff is the lower of the two Nyquist frequencies
     (less 5% when downsampling, so the transition band lies below the new Nyquist); `zero_crossings`
     of it on either side and beta 8.6 give about 80 dB of stopband rejection. Samples outside the
-    clip count as zero."""
+    clip count as zero.
+
+    The filter for each fractional phase of the output instant comes from a bank of at most
+    `_MAX_BANK` coefficients: one filter per phase where the rates' reduced ratio has few phases (8, 22.05,
+    44.1, 48 kHz...), otherwise (e.g. 44101 Hz: 16000 phases) filters at evenly spaced phases, linearly
+    interpolated, whose error is far below the stopband's."""
     if from_rate == to_rate:
         return np.asarray(x, dtype=np.float64)
     g = math.gcd(from_rate, to_rate)
     up, down = to_rate // g, from_rate // g  # output n sits at input time n * down / up
     cutoff = 0.5 * (0.95 * up / down if up < down else 1.0)  # cycles per input sample
     half = int(math.ceil(zero_crossings / (2 * cutoff)))  # filter half-width in input samples
-    # One filter per fractional phase p/up of the output instant between two input samples.
     taps = np.arange(-half, half + 1)
-    delta = np.arange(up)[:, None] / up - taps[None, :]  # output instant minus input sample time
+    phases = min(up, max(1, _MAX_BANK // len(taps)))
+    # Filter p is for the output instant p/phases of an input sample after the input sample it starts
+    # from; the extra row (one sample on) is the upper neighbour interpolation needs.
+    delta = np.arange(phases + 1)[:, None] / phases - taps[None, :]  # output instant minus input sample time
     bank = 2 * cutoff * np.sinc(2 * cutoff * delta) * np.i0(kaiser_beta * np.sqrt(np.clip(1 - (delta / (half + 1)) ** 2, 0, 1)))
     bank /= bank.sum(axis=1, keepdims=True)  # unit gain at DC for every phase
     n_out = (len(x) * up + down - 1) // down
     position = np.arange(n_out, dtype=np.int64) * down
     base, phase = position // up, position % up
+    row, frac = np.divmod(phase * phases, up)  # phase / up = (row + frac / up) / phases
+    weight = frac / up
     padded = np.concatenate([np.zeros(half), np.asarray(x, dtype=np.float64), np.zeros(half + 1)])
     out = np.zeros(n_out)
     for j, t in enumerate(taps):
-        out += bank[phase, j] * padded[base + t + half]
+        h = bank[row, j] if phases == up else bank[row, j] + weight * (bank[row + 1, j] - bank[row, j])
+        out += h * padded[base + t + half]
     return out
 
 
@@ -172,7 +237,7 @@ class LogMelSpec:
     per_bin_mean: tuple[float, ...] | None = None
     per_bin_stddev: tuple[float, ...] | None = None
     pad_to_multiple_of: int = 128  # samples (transformers pads each clip so)
-    max_samples: int = 480_000  # 30 s: what the 188 audio tokens of a prompt hold
+    max_samples: int = MAX_SECONDS * SAMPLE_RATE  # 480000
 
     @classmethod
     def from_preprocessor_config(cls, raw: dict) -> "LogMelSpec":
@@ -235,11 +300,15 @@ def log_mel(samples: np.ndarray, spec: LogMelSpec = LogMelSpec(), padded_length:
     True where the frame starts inside the clip). The clip is zero-padded to `padded_length` samples
     first, as transformers pads every clip of a batch to the longest; alone (the default), every frame
     starts inside the clip."""
-    x = np.asarray(samples, dtype=np.float32).reshape(-1)
+    x = np.asarray(samples)
+    if x.ndim != 1 or x.dtype.kind != "f":  # a stereo [n, 2] or integer array would be read wrongly, not refused
+        raise AudioError(f"a clip is a 1-D array of float samples in [-1, 1] at {spec.sampling_rate} Hz (mono); got "
+                         f"{x.dtype} with shape {x.shape}")
     seconds = len(x) / spec.sampling_rate
-    if len(x) > spec.max_samples:
+    if len(x) > spec.max_samples:  # before any copy of the samples
         raise AudioError(f"the clip is {seconds:.2f} s long; a clip is at most {spec.max_samples / spec.sampling_rate:g} s "
                          "(split it and send the pieces as separate clips)")
+    x = x.astype(np.float32, copy=False)
     total = max(len(x), min(padded_length, spec.max_samples))
     frames_total = spec.num_frames(total)
     if frames_total == 0:
@@ -275,7 +344,7 @@ def log_mel(samples: np.ndarray, spec: LogMelSpec = LogMelSpec(), padded_length:
 
 def features_from_file(path: str | Path, spec: LogMelSpec = LogMelSpec()) -> tuple[np.ndarray, np.ndarray]:
     """`log_mel` of a WAV file; errors name the file."""
-    samples = load_audio(path, spec.sampling_rate)
+    samples = load_audio(path, spec.sampling_rate, spec.max_samples / spec.sampling_rate)
     try:
         return log_mel(samples, spec)
     except AudioError as e:

@@ -8,11 +8,15 @@ rounding:
   * transparency composited onto white, then RGB (as the processor's `convert_to_rgb`);
   * resized to exactly height x width (no aspect-ratio keeping, no crop: one image = one tile);
   * uint8 -> x * rescale_factor in float64 -> float32; (x - mean) / std only if the config normalises.
-numpy and Pillow only: no torch at run time.
+A file's size is checked from its header before it is decoded (at most 8192 x 8192 pixels), and a file
+that cannot be read or decoded is one ImageError line. numpy and Pillow only: no torch at run time.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 BILINEAR, BICUBIC = 2, 3  # Pillow's resampling filter numbers, as preprocessor_config.json writes them
+# The largest image decoded (8192 x 8192), checked from the header: a 24-bit one takes 200 MB, and its
+# upright RGB copies as much again. Below Pillow's own warning size, so Pillow never warns about an image
+# accepted here.
+MAX_PIXELS = 8192 * 8192
 
 
 class ImageError(UserError, ValueError):
@@ -54,23 +62,49 @@ class ImagePreprocessing:
 
 
 def load_image(path: str | Path):
-    """The decoded, upright, RGB Pillow image of a file."""
+    """The decoded, upright, RGB Pillow image of a file. Its header's size is checked before anything is
+    decoded: at most `MAX_PIXELS`."""
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if not path.is_file():
-        raise ImageError(f"{path}: not a file")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
+        f = _File(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: not a file (a directory)") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        with f, warnings.catch_warnings():
+            # Pillow warns (and above twice its limit refuses) by itself on huge sizes: one error, not a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:  # g3n's bound, reported as Pillow's own refusal is
+                    raise Image.DecompressionBombError(f"{width} x {height} pixels")
+                image = ImageOps.exif_transpose(image)
+                image.load()
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image format Pillow can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: too large to decode safely ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(one_line(f"{path}: too large to decode safely ({e}); g3n decodes at most {MAX_PIXELS:,} "
+                                  "pixels (8192 x 8192): downscale it first")) from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(f"{path}: cannot decode the image ({e})") from None
+        raise ImageError(one_line(f"{path}: cannot decode the image ({e})")) from None
     return to_rgb(image)
+
+
+class _File(io.BufferedReader):
+    """A file whose reads never ask for more than it holds: Pillow reads as many bytes as a chunk header
+    says (a PNG's IDAT length, say), and a buffered read allocates all it is asked for before reading."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self.size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self.size - self.tell()))
+        return super().read(size)
 
 
 def to_rgb(image):
@@ -86,8 +120,10 @@ def pixels(image, spec: ImagePreprocessing = ImagePreprocessing()) -> np.ndarray
     """A Pillow image (or an image file) -> float32 [1, 3, height, width]."""
     if isinstance(image, (str, Path)):
         image = load_image(image)
-    else:
+    elif isinstance(image, Image.Image):
         image = to_rgb(image)
+    else:
+        raise ImageError(f"an image is a file path or a Pillow image, not {type(image).__name__}")
     resized = image.resize((spec.width, spec.height), resample=spec.resample)
     x = (np.asarray(resized, dtype=np.uint8).astype(np.float64) * spec.rescale_factor).astype(np.float32)
     if spec.mean is not None:

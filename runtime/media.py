@@ -82,6 +82,19 @@ def soft_token_starts(ids: list[int], spec: Placeholders, media: int) -> list[in
     return [start for start, _ in runs]
 
 
+def _refuse_placeholders(model: CompiledModel, ids: list[int], kind: str) -> None:
+    """MediaError if a prompt given no `kind` media has `kind` placeholders: they would run as bare tokens.
+    (With media, `expand_text` and `soft_token_starts` match the counts.)"""
+    tokens = model.manifest.prompt_tokens
+    if tokens is None:  # a folder without multimodal token ids has no placeholders
+        return
+    token = tokens.image_token_id if kind == IMAGE else tokens.audio_token_id
+    found = sum(t == token for t in ids)
+    if found:
+        raise MediaError(f"the prompt has {found} {kind} placeholder{'s' * (found != 1)} (token id {token}) but no "
+                         f"{kind} was given: give one {kind} per placeholder, or remove the placeholders")
+
+
 def encode_image(model: CompiledModel, image) -> np.ndarray:
     """An image (file or Pillow image) -> its soft tokens [count, hidden]."""
     abi, _ = model.encoder(ENCODER[IMAGE])
@@ -92,26 +105,31 @@ def encode_audio(model: CompiledModel, clip) -> np.ndarray:
     """A clip (WAV file, or float samples at the feature extractor's rate) -> its soft tokens [count, hidden]."""
     abi, _ = model.encoder(ENCODER[AUDIO])
     spec = abi.features
-    features, mask = log_mel(np.asarray(clip), spec) if isinstance(clip, np.ndarray) else features_from_file(clip, spec)
+    features, mask = features_from_file(clip, spec) if isinstance(clip, (str, Path)) else log_mel(clip, spec)
     return model.encode(ENCODER[AUDIO], *pad_to_frames(features, mask, abi.frames))
 
 
 def prompt_embeddings(model: CompiledModel, ids: list[int], images: list, audios: list
                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The embedding overrides (embeds [len(ids), hidden], mask [len(ids)]) of a prompt whose placeholders
-    are expanded; (None, None) for a text prompt without multimodal ids."""
+    are expanded; (None, None) for a text prompt without multimodal ids. The placeholders must match the
+    media given, both ways (MediaError), which is checked before any encoder runs."""
+    groups = []  # (placeholders, where each item's run starts, the items, their encoder)
+    for kind, items, encode in ((IMAGE, images, encode_image), (AUDIO, audios, encode_audio)):
+        if items:
+            spec = placeholders(model, kind)
+            groups.append((spec, soft_token_starts(ids, spec, len(items)), items, encode))
+        else:
+            _refuse_placeholders(model, ids, kind)
     rows = {i: row for i, t in enumerate(ids) if (row := model.token_embedding(t)) is not None}
-    if not rows and not images and not audios:
+    if not rows and not groups:
         return None, None
     embeds = np.zeros((len(ids), model.hidden_size), dtype=np.float32)
     mask = np.zeros(len(ids), dtype=bool)
     for i, row in rows.items():
         embeds[i], mask[i] = row, True
-    for kind, items, encode in ((IMAGE, images, encode_image), (AUDIO, audios, encode_audio)):
-        if not items:
-            continue
-        spec = placeholders(model, kind)
-        for start, item in zip(soft_token_starts(ids, spec, len(items)), items):
+    for spec, starts, items, encode in groups:
+        for start, item in zip(starts, items):
             embeds[start:start + spec.count] = encode(model, item)
             mask[start:start + spec.count] = True
     return embeds, mask

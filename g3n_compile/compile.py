@@ -7,14 +7,17 @@ tokenizer files and `g3n.json` (runtime/abi.py's `Manifest`).
 One export serves every target asked for; the passes run for each target. Compiling more targets into a
 folder that already holds this checkpoint at the same settings keeps its `model.irpa` (and its archive
 id) and its other targets' modules, as long as the archive holds every parameter the new modules load.
+Every option is checked before the export, and the folder changes only when the whole compile has
+succeeded (`output.StagedFolder`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +26,7 @@ import iree.compiler as ic
 import torch
 from iree.compiler import ir
 
-from passes import PASSES, PassContext, PassError, run_passes
+from passes import PASSES, PassContext, PassError, check_pass_names, run_passes
 from passes.int4_pack import LAYOUT as INT4_LAYOUT
 from passes.ir import parameters
 from runtime.abi import (CacheLayer, EncoderModule, KvCache, Manifest, ManifestError, Parameters,
@@ -42,6 +45,7 @@ from .export.program import PARAM_SCOPE
 from .export.text import ExportedText, export_text_model
 from .model.config import ConfigError, TextConfig
 from .model.multimodal_config import prompt_tokens
+from .output import StagedFolder, check_output_folder
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
 TOKEN_TABLE = "multimodal_token_embeddings"
@@ -72,8 +76,10 @@ def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = Non
         module = TARGETS[name]
         plan[name] = archs.get(name, module.DEFAULT_ARCH)
         if not module.accepts(plan[name]):
+            close = difflib.get_close_matches(plan[name], module.known_archs(), n=4, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
             raise CompileError(f"{module.ARCH_OPTION} {plan[name]!r} is not a known {name} architecture "
-                               f"(known: {', '.join(module.ARCHS)})")
+                               f"({hint}examples: {', '.join(module.ARCHS)})")
     return list(plan.items())
 
 
@@ -89,12 +95,18 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
     if group_size < 2 or group_size % 2:
         raise CompileError(f"--group-size {group_size} must be an even number >= 2")
+    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
+        raise CompileError(f"unknown weight dtype {dtype!r} (available: auto, {', '.join(WEIGHT_DTYPES)})")
+    try:
+        check_pass_names(PASSES, disabled_passes, dump_ir_after)
+    except PassError as e:
+        raise CompileError(str(e)) from None
+    out = Path(out)
+    check_output_folder(out)
     folder = resolve_checkpoint(model)
     t_start = time.perf_counter()
     log(f"g3n-compile: reading {folder}")
     ckpt = Checkpoint(folder)
-    if dtype != "auto" and dtype not in WEIGHT_DTYPES:
-        raise CompileError(f"unknown weight dtype {dtype!r} (available: auto, {', '.join(WEIGHT_DTYPES)})")
     weight_dtype = ckpt.text_dtype() if dtype == "auto" else WEIGHT_DTYPES[dtype]
     if weight_dtype not in WEIGHT_DTYPES.values():
         raise CompileError(f"{folder}: weights stored as {weight_dtype}; choose --dtype float32 or bfloat16")
@@ -105,9 +117,22 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     if max_context > cfg.max_position_embeddings:
         raise CompileError(f"--max-context {max_context} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with StagedFolder(out) as stage:  # `out` changes only once everything below has succeeded
+        manifest, stale = _build(ckpt, text, stored_names, weight_dtype, plan, stage.path, out, max_context, chunk,
+                                 quant, group_size, disabled_passes, dump_ir_after, dump_dir, t_start, log)
+        stage.commit(stale)
+    log(f"g3n-compile: done in {manifest.timings_s['total']:.1f}s -> {out} "
+        f"({', '.join(manifest.targets)}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
+    return manifest
 
+
+def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: torch.dtype,
+           plan: list[tuple[str, str]], stage: Path, out: Path, max_context: int, chunk: int, quant: str,
+           group_size: int, disabled_passes, dump_ir_after, dump_dir: Path | None, t_start: float,
+           log) -> tuple[Manifest, list[str]]:
+    """Export, run the passes and compile every target, writing the new files into `stage`; returns the
+    manifest and the files of `out`'s previous build that the new one no longer uses."""
+    cfg = text.config
     log(f"g3n-compile: exporting (prefill chunk {chunk}, max context {max_context})")
     t0 = time.perf_counter()
     exported = export_text_model(text, chunk, max_context, log=log)
@@ -144,28 +169,28 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     if previous is not None and previous.same_build(manifest) and set(archived) <= previous_entries:
         log(f"g3n-compile: {out} already holds this build: keeping its model.irpa and its "
             f"{', '.join(previous.targets) or 'no'} modules")
-        manifest.parameters, manifest.targets = previous.parameters, previous.targets
+        manifest.parameters, manifest.targets = previous.parameters, dict(previous.targets)
         t_archive = None
     else:
         if previous is not None:
-            _remove_modules(out, previous, log)
-        log(f"g3n-compile: writing {out / 'model.irpa'} ({_dtype_name(weight_dtype)} weights"
+            log(f"g3n-compile: {out} holds a different build; it is replaced once this compile has succeeded")
+        log(f"g3n-compile: writing model.irpa ({_dtype_name(weight_dtype)} weights"
             f"{', int4 linears' if quant == 'int4' else ''})")
         source = lambda n: ckpt.tensor(stored_names[n]).to(weight_dtype)
         for _, _, ctx in modules.values():  # each target's passes may derive tensors (int4 codes, fused weights)
             source = ctx.derived.getter(source)
         source = _archive_source(ckpt, towers, weight_dtype, source)
-        archive_id = write_archive(out / "model.irpa", archived, source, log=log)
+        archive_id = write_archive(stage / "model.irpa", archived, source, log=log)
         manifest.parameters = Parameters("model.irpa", PARAM_SCOPE, archive_id, ARCHIVE_ID, len(archived))
         t_archive = round(time.perf_counter() - t0, 2)
     for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
+        if (ckpt.folder / name).is_file():
+            shutil.copyfile(ckpt.folder / name, stage / name)
 
     for name, arch in plan:
         target = TARGETS[name]
         mlir, pass_report, _ = modules[name]
-        vmfb = out / f"{name}.vmfb"
+        vmfb = stage / f"{name}.vmfb"
         flags = target.compile_flags(arch, quant=quant)
         log(f"g3n-compile: compiling for {name} ({target.ARCH_OPTION} {arch})")
         t0 = time.perf_counter()
@@ -174,7 +199,7 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {compile_s:.1f}s")
         compiled = {}
         for encoder in encoders:
-            module = out / f"{name}-{encoder.kind}.vmfb"
+            module = stage / f"{name}-{encoder.kind}.vmfb"
             encoder_flags = target.compile_flags(arch)  # the towers are not quantized
             log(f"g3n-compile: compiling the {encoder.kind} encoder for {name}")
             t1 = time.perf_counter()
@@ -183,10 +208,8 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
             except CompileError as e:
                 # Known for vision on Vulkan (IREE 3.13's SPIR-V codegen of the conv + norm dispatches): the
                 # text module still serves; prompts with that medium need another target's module.
-                module.with_suffix(".mlir").unlink(missing_ok=True)
-                reason = next((line for line in str(e).splitlines() if "error:" in line), "").strip()
                 log(f"g3n-compile: warning: the {encoder.kind} encoder does not compile for {name}; the {name} "
-                    f"module takes no {'images' if encoder.kind == 'vision' else 'audio'} ({reason[:200]})")
+                    f"module takes no {'images' if encoder.kind == 'vision' else 'audio'} ({str(e)[:300]})")
                 continue
             compiled[encoder.kind] = EncoderModule(module.name, tuple(encoder_flags), sha256_file(module),
                                                    module.stat().st_size, round(time.perf_counter() - t1, 2))
@@ -194,12 +217,14 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
                 f"{compiled[encoder.kind].compile_s:.1f}s")
         manifest.targets[name] = TargetModule(vmfb.name, target.DRIVER, arch, tuple(flags), sha256_file(vmfb),
                                               vmfb.stat().st_size, compile_s, tuple(pass_report), compiled)
-        manifest.timings_s = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
-                              "total": round(time.perf_counter() - t_start, 2)}
-        manifest.write(out)  # after each module: the folder is usable at every step
-    log(f"g3n-compile: done in {manifest.timings_s['total']:.1f}s -> {out} "
-        f"({', '.join(manifest.targets)}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
-    return manifest
+    manifest.timings_s = {"export": round(t_export, 2), "passes": round(t_passes, 2), "archive": t_archive,
+                          "total": round(time.perf_counter() - t_start, 2)}
+    manifest.write(stage)
+    return manifest, sorted(_module_files(previous) - _module_files(manifest)) if previous else []
+
+
+def _module_files(manifest: Manifest) -> set[str]:
+    return {f for t in manifest.targets.values() for f in (t.file, *(e.file for e in t.encoders.values()))}
 
 
 def _archive_source(ckpt: Checkpoint, towers: list[Tower], dtype: torch.dtype,
@@ -230,17 +255,6 @@ def _previous_build(out: Path) -> tuple[Manifest | None, set[str]]:
     return (previous, set(archive.entries)) if stored == previous.parameters.archive_id else (None, set())
 
 
-def _remove_modules(out: Path, previous: Manifest, log) -> None:
-    """Another build is being written over this folder: its modules would not match the new archive."""
-    files = [t.file for t in previous.targets.values()]
-    files += [e.file for t in previous.targets.values() for e in t.encoders.values()]
-    stale = [out / f for f in files if (out / f).is_file()]
-    if stale:
-        log(f"g3n-compile: {out} held a different build; removing its modules ({', '.join(p.name for p in stale)})")
-    for path in stale:
-        path.unlink()
-
-
 def _source_fingerprint(folder: Path) -> str:
     """Names, sizes and modification times of the checkpoint's config and weight files."""
     files = sorted({folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")})
@@ -253,14 +267,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _iree_compile(mlir: str, vmfb: Path, flags: list[str]) -> None:
+    """Compile `mlir` into `vmfb`. On failure the MLIR and iree-compile's whole output are kept in the
+    temporary folder for a bug report, and the error carries IREE's first error line."""
     src = vmfb.with_suffix(".mlir")
     src.write_text(mlir)
-    partial = vmfb.with_name(vmfb.name + ".partial")  # a failed compile leaves the previous module intact
     try:
-        ic.compile_file(str(src), output_file=str(partial), input_type="torch", extra_args=flags)
+        ic.compile_file(str(src), output_file=str(vmfb), input_type="torch", extra_args=flags)
     except ic.CompilerToolError as e:
-        raise CompileError(f"iree-compile failed for {vmfb.name} (MLIR kept at {src}):\n{str(e)[-3000:]}") from None
-    os.replace(partial, vmfb)
+        kept = Path(tempfile.mkdtemp(prefix=f"g3n-failed-{vmfb.stem}-"))
+        shutil.move(src, kept / src.name)
+        (kept / "iree-compile.log").write_text(str(e))
+        first = next((line.strip() for line in str(e).splitlines() if "error:" in line.lower()),
+                     str(e).strip().splitlines()[-1] if str(e).strip() else "no output")
+        raise CompileError(f"iree-compile failed for {vmfb.name}: {first[:400]} (MLIR and full log kept in "
+                           f"{kept})") from None
     src.unlink()
 
 

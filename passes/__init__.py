@@ -7,9 +7,9 @@ from .altup_fusion import AltUpFusion
 from .int4_cpu_kernel import Int4CpuKernel
 from .int4_pack import Int4Pack
 from .laurel_fusion import LaurelFusion
-from .pipeline import Pass, PassContext, PassError, run_passes
+from .pipeline import Pass, PassContext, PassError, check_pass_names, run_passes
 from .sliding_window import SlidingWindowDecode
 
 PASSES: list[type[Pass]] = [AltUpFusion, LaurelFusion, SlidingWindowDecode, Int4Pack, Int4CpuKernel]
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassError", "run_passes"]
+__all__ = ["PASSES", "Pass", "PassContext", "PassError", "check_pass_names", "run_passes"]

@@ -96,15 +96,20 @@ def ordered(passes: list[type[Pass]]) -> list[type[Pass]]:
     return [by_name[n] for n in nx.lexicographical_topological_sort(graph, key=index.get)]
 
 
+def check_pass_names(passes: list[type[Pass]], disabled=(), dump_after=()) -> None:
+    """Every name given to --disable-pass and --dump-ir-after is a pass (checked before the export)."""
+    names = {p.name for p in passes}
+    for name in list(disabled) + [n for n in dump_after if n != "all"]:
+        if name not in names:
+            raise PassError(f"unknown pass {name!r} (available: {', '.join(sorted(names))})")
+
+
 def run_passes(mlir: str, ctx: PassContext, passes: list[type[Pass]], disabled=(), dump_after=(),
                dump_dir: Path | None = None, log=print, check_sites: bool = True) -> tuple[str, list[dict]]:
     """Apply `passes` (minus `disabled`) to module text `mlir`; returns the new text and per-pass stats.
     `dump_after`: pass names (or "all") after which the IR is written to `dump_dir`. `check_sites` compares each
     pass's sites with `expected` (off only for IR that is not a whole exported model: tests on fragments)."""
-    names = {p.name for p in passes}
-    for name in list(disabled) + [n for n in dump_after if n != "all"]:
-        if name not in names:
-            raise PassError(f"unknown pass {name!r} (available: {', '.join(sorted(names))})")
+    check_pass_names(passes, disabled, dump_after)
     for p in passes:
         missing = [r for r in p.requires if r in disabled]
         if p.name not in disabled and p.applies(ctx) and missing:

@@ -1,5 +1,12 @@
 """IREE's llvm-cpu backend: code for the host CPU, or for a named LLVM CPU (`--cpu-features`)."""
 
+import functools
+import subprocess
+import tempfile
+from pathlib import Path
+
+from iree.compiler.tools.binaries import find_tool
+
 from .int4_kernel import KERNEL
 from .supports import Supports
 
@@ -8,15 +15,37 @@ DRIVER = "local-task"
 DESCRIPTION = "IREE llvm-cpu: x86-64/aarch64 code, multithreaded on the host"
 ARCH_OPTION = "--cpu-features"
 DEFAULT_ARCH = "host"
-# Examples: any CPU name LLVM knows for the host's architecture is accepted (iree-compile lists them).
+# Examples: any CPU name LLVM knows for the host's architecture is accepted (`known_cpus`).
 ARCHS = ("host", "generic", "x86-64-v2", "x86-64-v3", "x86-64-v4", "znver4", "sapphirerapids")
 SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)",
                     int4_kernel=KERNEL)
 
 
 def accepts(arch: str) -> bool:
-    """Any LLVM CPU name (letters, digits, - and _); iree-compile rejects unknown ones with the list."""
-    return bool(arch) and arch.replace("-", "").replace("_", "").isalnum()
+    """`host`, or a CPU name LLVM knows for the host's architecture. Checked before any work: iree-compile
+    itself only warns about an unknown name, ignores it and then fails (or builds for a baseline CPU)."""
+    return arch == "host" or arch in known_cpus()
+
+
+def known_archs() -> tuple[str, ...]:
+    return ("host", *sorted(known_cpus()))
+
+
+@functools.cache
+def known_cpus() -> frozenset[str]:
+    """The CPU names iree-compile's LLVM lists for the host's architecture (`--iree-llvmcpu-target-cpu=help`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.mlir"
+        empty.write_text("module {}")
+        listing = subprocess.run([find_tool("iree-compile"), "--iree-hal-target-device=local",
+                                  "--iree-hal-local-target-device-backends=llvm-cpu",
+                                  "--iree-llvmcpu-target-cpu=help", str(empty), "-o", str(Path(tmp) / "x")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120).stdout
+    section = listing.partition("Available CPUs for this target:")[2].partition("Available features")[0]
+    names = frozenset(line.split()[0] for line in section.splitlines() if " - Select the " in line)
+    if not names:
+        raise RuntimeError(f"iree-compile did not list its CPUs (output began: {listing[:200]!r})")
+    return names
 
 
 def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:

@@ -26,6 +26,10 @@ def accepts(arch: str) -> bool:
     return arch in ARCHS
 
 
+def known_archs() -> tuple[str, ...]:
+    return ARCHS
+
+
 def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:
     """The same flags with or without int4 weights."""
     if arch == "llvmpipe":

@@ -47,6 +47,9 @@ def _main(argv: list[str] | None) -> int:
                    help="write the module's IR after pass NAME (or after every pass) into DIR "
                         "(DIR/<target> when compiling for several targets)")
     p.add_argument("--list-passes", action="store_true", help="list the compiler passes in order and exit")
+    p.add_argument("--skip-encoder", action="append", default=[], choices=("audio", "vision"), metavar="KIND",
+                   help="build no audio or vision encoder module (repeatable); without it, a checkpoint tower that "
+                        "does not compile for a target stops the compile (see --list-targets for what each takes)")
     args = p.parse_args(argv)
     if args.list_targets:
         print(list_targets())
@@ -64,7 +67,7 @@ def _main(argv: list[str] | None) -> int:
                   quant=("none" if args.model == "tiny-random" else "int4") if args.quant == "auto" else args.quant,
                   dump_ir_after=[args.dump_ir_after[0]] if args.dump_ir_after else [],
                   dump_dir=Path(args.dump_ir_after[1]) if args.dump_ir_after else None,
-                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                  skip_encoders=args.skip_encoder, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
 
 

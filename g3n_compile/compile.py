@@ -39,7 +39,7 @@ from . import __version__
 from .archive import write_archive
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .checkpoint.load import text_model_for_export
-from .checkpoint.towers import PREPROCESSOR_CONFIG, Tower, find_towers, token_ids, token_table
+from .checkpoint.towers import PREPROCESSOR_CONFIG, Tower, find_towers, token_ids, token_table, tower_configs
 from .export.encoders import ExportedEncoder, export_encoder
 from .export.program import PARAM_SCOPE
 from .export.text import ExportedText, export_text_model
@@ -51,6 +51,7 @@ PLE_TABLE = "embed_tokens_per_layer.weight"
 TOKEN_TABLE = "multimodal_token_embeddings"
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("none", "int4")
+ENCODER_MEDIA = {"audio": "audio", "vision": "images"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json", PREPROCESSOR_CONFIG)
 
@@ -85,11 +86,14 @@ def resolve_targets(targets: str | list[str], archs: dict[str, str] | None = Non
 
 def compile_model(model: str, targets: str | list[str], out: Path, max_context: int = 2048, chunk: int = 128,
                   archs: dict[str, str] | None = None, dtype: str = "auto", quant: str = "none", group_size: int = 32,
-                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, log=print) -> Manifest:
+                  disabled_passes=(), dump_ir_after=(), dump_dir: Path | None = None, skip_encoders=(),
+                  log=print) -> Manifest:
     """Compile checkpoint `model` (folder or preset name) for `targets` ("cpu", "cpu,vulkan", ["cuda"]) into
     folder `out`; `archs` maps a target to its architecture (default: each target's DEFAULT_ARCH). Weights
     are stored in `dtype` ("auto": as in the checkpoint), linear weights in int4 if `quant` says so;
-    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/). Returns the manifest."""
+    `disabled_passes`/`dump_ir_after`/`dump_dir` steer the pass pipeline (see passes/). An encoder that does
+    not compile for a target is an error unless its kind is in `skip_encoders` (the modules of this compile
+    then take no such media). Returns the manifest."""
     plan = resolve_targets(targets, archs)
     if quant not in QUANTIZATIONS:
         raise CompileError(f"unknown quantization {quant!r} (available: {', '.join(QUANTIZATIONS)})")
@@ -97,6 +101,9 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
         raise CompileError(f"--group-size {group_size} must be an even number >= 2")
     if dtype != "auto" and dtype not in WEIGHT_DTYPES:
         raise CompileError(f"unknown weight dtype {dtype!r} (available: auto, {', '.join(WEIGHT_DTYPES)})")
+    unknown = sorted(set(skip_encoders) - set(ENCODER_MEDIA))
+    if unknown:
+        raise CompileError(f"--skip-encoder {unknown[0]!r}: the encoders are {', '.join(ENCODER_MEDIA)}")
     try:
         check_pass_names(PASSES, disabled_passes, dump_ir_after)
     except PassError as e:
@@ -111,6 +118,7 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     if weight_dtype not in WEIGHT_DTYPES.values():
         raise CompileError(f"{folder}: weights stored as {weight_dtype}; choose --dtype float32 or bfloat16")
     text, stored_names = text_model_for_export(ckpt, weight_dtype)
+    _check_encoders(ckpt, plan, skip_encoders)
     cfg = text.config
     if not 1 <= chunk <= max_context:
         raise CompileError(f"--chunk {chunk} must be between 1 and --max-context ({max_context})")
@@ -119,7 +127,8 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
                            f"({cfg.max_position_embeddings})")
     with StagedFolder(out) as stage:  # `out` changes only once everything below has succeeded
         manifest, stale = _build(ckpt, text, stored_names, weight_dtype, plan, stage.path, out, max_context, chunk,
-                                 quant, group_size, disabled_passes, dump_ir_after, dump_dir, t_start, log)
+                                 quant, group_size, disabled_passes, dump_ir_after, dump_dir, skip_encoders, t_start,
+                                 log)
         stage.commit(stale)
     log(f"g3n-compile: done in {manifest.timings_s['total']:.1f}s -> {out} "
         f"({', '.join(manifest.targets)}; {(out / 'model.irpa').stat().st_size / 1e6:.1f} MB parameters)")
@@ -128,7 +137,7 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
 
 def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: torch.dtype,
            plan: list[tuple[str, str]], stage: Path, out: Path, max_context: int, chunk: int, quant: str,
-           group_size: int, disabled_passes, dump_ir_after, dump_dir: Path | None, t_start: float,
+           group_size: int, disabled_passes, dump_ir_after, dump_dir: Path | None, skip_encoders, t_start: float,
            log) -> tuple[Manifest, list[str]]:
     """Export, run the passes and compile every target, writing the new files into `stage`; returns the
     manifest and the files of `out`'s previous build that the new one no longer uses."""
@@ -199,6 +208,9 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
         log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {compile_s:.1f}s")
         compiled = {}
         for encoder in encoders:
+            if encoder.kind in skip_encoders:
+                log(f"g3n-compile: {name}: no {encoder.kind} encoder (--skip-encoder {encoder.kind})")
+                continue
             module = stage / f"{name}-{encoder.kind}.vmfb"
             encoder_flags = target.compile_flags(arch)  # the towers are not quantized
             log(f"g3n-compile: compiling the {encoder.kind} encoder for {name}")
@@ -206,11 +218,9 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
             try:
                 _iree_compile(encoder.mlir, module, encoder_flags)
             except CompileError as e:
-                # Known for vision on Vulkan (IREE 3.13's SPIR-V codegen of the conv + norm dispatches): the
-                # text module still serves; prompts with that medium need another target's module.
-                log(f"g3n-compile: warning: the {encoder.kind} encoder does not compile for {name}; the {name} "
-                    f"module takes no {'images' if encoder.kind == 'vision' else 'audio'} ({str(e)[:300]})")
-                continue
+                raise CompileError(f"the {encoder.kind} encoder does not compile for {name} ({target.ARCH_OPTION} "
+                                   f"{arch}): {e}. To build the {name} module without "
+                                   f"{ENCODER_MEDIA[encoder.kind]}, pass --skip-encoder {encoder.kind}") from None
             compiled[encoder.kind] = EncoderModule(module.name, tuple(encoder_flags), sha256_file(module),
                                                    module.stat().st_size, round(time.perf_counter() - t1, 2))
             log(f"g3n-compile: {name}: {module.stat().st_size / 1e6:.2f} MB {encoder.kind} module in "
@@ -221,6 +231,18 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
                           "total": round(time.perf_counter() - t_start, 2)}
     manifest.write(stage)
     return manifest, sorted(_module_files(previous) - _module_files(manifest)) if previous else []
+
+
+def _check_encoders(ckpt: Checkpoint, plan: list[tuple[str, str]], skip_encoders) -> None:
+    """Before the export: every tower the checkpoint has compiles for every target asked for, or is skipped."""
+    for kind, _, _ in tower_configs(ckpt):
+        for name, _ in plan:
+            supports = TARGETS[name].SUPPORTS
+            if kind not in supports.encoders and kind not in skip_encoders:
+                raise CompileError(f"the {name} target cannot take the checkpoint's {kind} encoder "
+                                   f"({(supports.why_not or {}).get(kind, 'not supported')}); pass --skip-encoder "
+                                   f"{kind} to build the {name} module without {ENCODER_MEDIA[kind]} (prompts with "
+                                   f"{ENCODER_MEDIA[kind]} then need another target of the folder)")
 
 
 def _module_files(manifest: Manifest) -> set[str]:

@@ -10,8 +10,11 @@ class Supports:
     dtypes: tuple[str, ...]  # weight dtypes its kernels read and compute correctly
     int4_generic: str  # where the generic-linalg int4 matmul (int4-pack's dequantize + grouped contraction) compiles: "all" M, or "matvec" (M=1)
     attention: str  # the attention form it runs
+    encoders: tuple[str, ...] = ("audio", "vision")  # the towers whose encoders compile for it
+    why_not: dict | None = None  # encoder kind -> why it does not compile (for the error that says so)
     int4_kernel: object | None = None  # g3n's int4 x int8 C kernel (targets/int4_kernel), where the target links it
 
     def describe(self) -> str:
         return (f"dtypes {'/'.join(self.dtypes)}; int4 linalg form: {self.int4_generic}; "
-                f"attention: {self.attention}" + ("; int4 x int8 C kernel" if self.int4_kernel is not None else ""))
+                f"attention: {self.attention}; encoders: {', '.join(self.encoders) or 'none'}"
+                + ("; int4 x int8 C kernel" if self.int4_kernel is not None else ""))

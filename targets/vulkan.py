@@ -19,7 +19,9 @@ DEFAULT_ARCH = "llvmpipe"
 ARCHS = ("llvmpipe", "rdna3", "rdna2", "valhall", "ampere", "turing", "adreno")
 # int4-pack's dequantize + grouped contraction compiles for prefill as well as decode here, for llvmpipe and IREE's GPU
 # names alike, and matches the CPU module on llvmpipe.
-SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)")
+SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)",
+                    encoders=("audio",),
+                    why_not={"vision": "IREE 3.13's SPIR-V codegen fails on the vision encoder's conv + norm dispatches"})
 
 
 def accepts(arch: str) -> bool:

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import g3n_compile.compile as driver
 from g3n_compile.cli import main as g3n_compile
 from g3n_compile.compile import compile_model
 from runtime.cli import main as g3n_run
@@ -106,3 +107,28 @@ def test_prompt_and_chat_generate_text(tiny_out, capsys):
                     "--top-k", "20", "--top-p", "0.9", "--seed", "1", "--repetition-penalty", "1.1"]) == 0
     captured = capsys.readouterr()
     assert "prompt tokens" in captured.err and captured.out.strip()
+
+
+def test_a_target_that_cannot_take_a_tower_stops_before_the_export(tmp_path, capsys):
+    assert g3n_compile(["--target", "vulkan", "--max-context", "64", "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert ("g3n-compile: error: the vulkan target cannot take the checkpoint's vision encoder" in err
+            and "--skip-encoder vision" in err and "exporting" not in err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_encoder_that_fails_to_compile_stops_the_compile(tmp_path, monkeypatch, capsys):
+    """No module silently without its medium: the failure names the encoder, the target and the way out."""
+    real = driver._iree_compile
+
+    def fail_audio(mlir, vmfb, flags):
+        if vmfb.name.endswith("-audio.vmfb"):
+            raise driver.CompileError("iree-compile failed for cpu-audio.vmfb: error: failed to translate")
+        real(mlir, vmfb, flags)
+
+    monkeypatch.setattr(driver, "_iree_compile", fail_audio)
+    assert g3n_compile(["--target", "cpu", "--max-context", "64", "--chunk", "16", "-o", str(tmp_path / "o")]) == 1
+    line = one_error(capsys, "g3n-compile")
+    assert "the audio encoder does not compile for cpu (--cpu-features host)" in line
+    assert "error: failed to translate" in line and "pass --skip-encoder audio" in line
+    assert not (tmp_path / "o").exists()

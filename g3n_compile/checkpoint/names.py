@@ -67,7 +67,7 @@ def raise_problems(ckpt: Checkpoint, missing: list[str], unexpected: list[str], 
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             problems.append(f"{title} ({len(items)}): " + "; ".join(shown))
     if problems:
-        raise CheckpointError(f"{ckpt.folder}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{ckpt.folder}: checkpoint does not match its config.json: " + " | ".join(problems))
 
 
 def audio_tensor_names(ckpt: Checkpoint, model: nn.Module) -> Iterator[tuple[str, str]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
+import reprlib
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
@@ -20,13 +22,16 @@ import torch
 
 from runtime.errors import UserError
 
+from .jsonfile import parse_json
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+# The safetensors reference reader's own bound; E4B's largest header is about 100 KB.
+MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsError(UserError, ValueError):
@@ -40,8 +45,15 @@ class TensorInfo:
         self.dtype, self.shape, self.begin, self.end = dtype, shape, begin, end
 
 
+def _counts(value, length: int | None = None) -> bool:
+    """Whether `value` is a list of non-negative integers (of `length` entries, if given)."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
 class SafetensorsFile:
-    """One safetensors file, validated on open (header, offsets, file length); tensors are mmap views."""
+    """One safetensors file, validated on open from its header alone (length, JSON, dtypes, shapes, offsets
+    inside the file, no two tensors sharing bytes or a name); tensors are mmap views."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -49,41 +61,62 @@ class SafetensorsFile:
             self._file = open(self.path, "rb")
         except OSError as e:
             raise SafetensorsError(f"{self.path}: cannot open ({e.strerror})") from None
-        size = self.path.stat().st_size
-        if size < 8:
-            raise SafetensorsError(f"{self.path}: truncated ({size} bytes; not a safetensors file)")
-        (n,) = struct.unpack("<Q", self._file.read(8))
-        if n > min(size - 8, _MAX_HEADER):
-            raise SafetensorsError(f"{self.path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
         try:
-            header = json.loads(self._file.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SafetensorsError(f"{self.path}: header is not valid JSON (corrupt or not safetensors)") from None
+            size = os.fstat(self._file.fileno()).st_size
+            self.tensors, self.metadata = self._read_header(size)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _fail(self, what: str) -> SafetensorsError:
+        return SafetensorsError(f"{self.path}: {what}; re-download or re-convert this file")
+
+    def _read_header(self, size: int) -> tuple[dict[str, TensorInfo], dict]:
+        if size < 8:
+            raise self._fail(f"truncated ({size} bytes; not a safetensors file)")
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        if n > MAX_HEADER:  # checked before reading: a corrupt length must not allocate gigabytes
+            raise self._fail(f"header length {n} is over the {MAX_HEADER}-byte bound (corrupt or not safetensors)")
+        if n > size - 8:
+            raise self._fail(f"header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+        try:
+            header = parse_json(self._file.read(n))
+        except ValueError as e:
+            raise self._fail(f"header is not valid JSON ({e}): corrupt or not safetensors") from None
         if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path}: header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+            raise self._fail("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._fail(f"header: __metadata__ is not an object: {reprlib.repr(metadata)}")
         self._data_start = 8 + n
-        data_len = size - self._data_start
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, spec in header.items():
-            self.tensors[name] = self._parse_entry(name, spec, data_len)
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        tensors = {name: self._parse_entry(name, spec, size - self._data_start) for name, spec in header.items()}
+        spans = sorted((info.begin, info.end, name) for name, info in tensors.items() if info.end > info.begin)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise self._fail(f"tensors {first!r} and {second!r} overlap (bytes {begin}..{end} of the data)")
+        return tensors, metadata
 
     def _parse_entry(self, name: str, spec, data_len: int) -> TensorInfo:
-        try:
-            dtype = DTYPES[spec["dtype"]]
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(o) for o in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{self.path}: tensor {name!r} has a malformed header entry: {spec!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} declares {end - begin} bytes for shape {list(shape)} "
-                                   f"{spec['dtype']} ({nbytes} bytes expected)")
+        where = f"tensor {name!r}"
+        if not isinstance(spec, dict):
+            raise self._fail(f"{where}: header entry is not an object: {reprlib.repr(spec)}")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self._fail(f"{where}: dtype {reprlib.repr(dtype)} is not one g3n reads ({', '.join(DTYPES)})")
+        if not _counts(shape):
+            raise self._fail(f"{where}: shape {reprlib.repr(shape)} is not a list of non-negative integers")
+        if not _counts(offsets, 2) or offsets[0] > offsets[1]:
+            raise self._fail(f"{where}: data_offsets {reprlib.repr(offsets)} is not [begin, end] with begin <= end")
+        begin, end = offsets
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise self._fail(f"{where} declares {end - begin} bytes for shape {reprlib.repr(shape)} {dtype} "
+                             f"({nbytes} bytes expected)")
         if end > data_len:
-            raise SafetensorsError(f"{self.path}: truncated: tensor {name!r} ends at byte {self._data_start + end} "
-                                   f"but the file has {self._data_start + data_len}")
-        return TensorInfo(dtype, shape, begin, end)
+            raise self._fail(f"truncated: {where} ends at byte {self._data_start + end} but the file has "
+                             f"{self._data_start + data_len}")
+        return TensorInfo(DTYPES[dtype], tuple(shape), begin, end)
 
     def keys(self) -> Iterable[str]:
         return self.tensors.keys()

@@ -11,6 +11,7 @@ from .config import ConfigError, config_int, config_number, scoped
 # Fields of AudioConfig that config.json keeps outside audio_config: where they live there.
 BORROWED = {"text_hidden_size": ("text_config.", "hidden_size"), "text_vocab_size": ("text_config.", "vocab_size"),
             "soft_tokens": ("", "audio_soft_tokens_per_image")}
+MAX_LAYERS = 1000  # the Gemma 3n conformer has 12; each layer becomes a module, so a corrupt count must stop here
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ def _validate(c: AudioConfig) -> None:
         for i, pair in enumerate(getattr(c, name)):
             for j, v in enumerate(pair):
                 config_int(s, f"{name}[{i}][{j}]", v)
+    if c.conf_num_hidden_layers > MAX_LAYERS:
+        raise ConfigError(f"{s}conf_num_hidden_layers: {c.conf_num_hidden_layers} is more than {MAX_LAYERS}; "
+                          "the config is corrupt")
     if c.hidden_size % c.conf_num_attention_heads:
         raise ConfigError(f"{s}conf_num_attention_heads: {c.conf_num_attention_heads} does not divide "
                           f"hidden_size={c.hidden_size}")

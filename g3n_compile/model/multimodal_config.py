@@ -13,14 +13,19 @@ from .vision_config import VisionConfig
 
 
 def prompt_tokens(raw: dict, vocab_size: int) -> PromptTokens:
-    """The ids config.json's top level gives (defaults: transformers' Gemma3nConfig), each inside the vocabulary."""
-    ids = {}
-    for f in fields(PromptTokens):
-        if raw.get(f.name) is not None:
-            ids[f.name] = config_int("config.json: ", f.name, raw[f.name], minimum=0)
-            if ids[f.name] >= vocab_size:
-                raise ConfigError(f"config.json: {f.name}: {ids[f.name]} is outside the vocabulary "
-                                  f"(text_config.vocab_size={vocab_size})")
+    """The ids config.json's top level gives (defaults: transformers' Gemma3nConfig), each inside the vocabulary and
+    distinct (the runtime tells images from audio, and markers from placeholders, by id)."""
+    given = {f.name: config_int("config.json: ", f.name, raw[f.name], minimum=0)
+             for f in fields(PromptTokens) if raw.get(f.name) is not None}
+    ids = asdict(PromptTokens(**given))
+    for name, value in ids.items():
+        if value >= vocab_size:
+            default = "" if name in given else " (the default, as it is not set)"
+            raise ConfigError(f"config.json: {name}: {value}{default} is outside the vocabulary "
+                              f"(text_config.vocab_size={vocab_size})")
+        twin = next((other for other, v in ids.items() if v == value and other != name), None)
+        if twin:
+            raise ConfigError(f"config.json: {name}: {value} is also {twin}; each media token needs an id of its own")
     return PromptTokens(**ids)
 
 

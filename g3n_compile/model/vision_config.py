@@ -32,6 +32,7 @@ from .config import ConfigError, config_int, config_number
 MOBILENETV5_300M_NAME = "mobilenetv5_300m_enc"
 CUSTOM_NAME = "mobilenetv5"
 NORM_EPS = 1e-6  # every RMSNorm2d in the encoder (timm's default; not in config.json)
+MAX_BLOCKS = 1000  # mobilenetv5_300m_enc has 84; a config asking for more is corrupt, not a bigger model
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,14 @@ def parse_arch(d: Any, scope: str) -> MobileNetV5Arch:
     stages = d["stages"]
     if not isinstance(stages, list) or not all(isinstance(s, list) and s for s in stages):
         raise ConfigError(f"{scope}stages: expected a list of non-empty lists of block strings")
-    parsed = []
+    parsed, total = [], 0
     for i, stage in enumerate(stages):
         blocks = []
         for j, spec in enumerate(stage):
             block, repeat = parse_block(spec, f"{scope}stages[{i}][{j}]")
+            total += repeat
+            if total > MAX_BLOCKS:  # checked before the repeat is expanded: each block becomes a module
+                raise ConfigError(f"{scope}stages: more than {MAX_BLOCKS} blocks (stages[{i}][{j}] {spec!r})")
             blocks += [block] * repeat
         parsed.append(tuple(blocks))
     arch = MobileNetV5Arch(config_int(scope, "stem_size", d["stem_size"]), tuple(parsed),

@@ -1,0 +1,138 @@
+"""Fuzz the checkpoint preflight (`Checkpoint` + `check_checkpoint`): seeded mutations of a safetensors header,
+of config.json (bytes, and structured: keys dropped, wrong types, huge, negative and non-finite numbers) and of
+the shard index. Each case is accepted or one line of CheckpointError/SafetensorsError/ConfigError, within the
+harness's time and memory bounds, and no checkpoint file changes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from fuzz.harness import count, fuzz, mutate
+from g3n_compile.checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
+from g3n_compile.checkpoint.preflight import check_checkpoint
+from g3n_compile.checkpoint.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
+from g3n_compile.model.config import ConfigError
+
+pytestmark = pytest.mark.fuzz
+ERRORS = (CheckpointError, SafetensorsError, ConfigError)
+INDEX = "model.safetensors.index.json"
+# Values a structured mutation puts in place of a config entry: wrong types, huge, negative, zero, non-finite.
+REPLACEMENTS = ("text", True, None, [], {}, [1, 2], 0, -1, -(2 ** 63), 2 ** 31, 2 ** 63, 10 ** 18, 1e308,
+                float("nan"), float("inf"), 0.5, -0.5)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return shutil.copytree(resolve_checkpoint("tiny-random"), tmp_path / "tiny")
+
+
+def check_with(folder, name: str, data: bytes):
+    """A case: `folder`'s file `name` holds `data`; the preflight must leave it so."""
+    def call():
+        (folder / name).write_bytes(data)
+        try:
+            check_checkpoint(Checkpoint(folder))
+        finally:
+            assert (folder / name).read_bytes() == data, f"{name} was changed by the check"
+    return call
+
+
+def others(folder, name: str):
+    return [p for p in folder.iterdir() if p.is_file() and p.name != name]
+
+
+def paths(node, at=()):
+    """Every key/index path into a JSON document."""
+    yield at
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from paths(child, at + (key,))
+
+
+def structured(doc, rng: random.Random) -> bytes:
+    """`doc` with one entry dropped or replaced (by a REPLACEMENTS value or a 5000-digit integer)."""
+    doc = copy.deepcopy(doc)
+    at = rng.choice([p for p in paths(doc) if p])
+    parent = doc
+    for key in at[:-1]:
+        parent = parent[key]
+    if rng.random() < 0.25:
+        del parent[at[-1]]
+        return json.dumps(doc).encode()
+    if rng.random() < 0.1:  # over Python's 4300-digit limit for int(): json must refuse it cleanly
+        parent[at[-1]] = "HUGE"
+        return json.dumps(doc).replace('"HUGE"', "9" * 5000).encode()
+    parent[at[-1]] = rng.choice(REPLACEMENTS)
+    return json.dumps(doc).encode()
+
+
+def test_fuzz_safetensors_header(tmp_path):
+    specs = {f"t{i}": (dtype, shape) for i, (dtype, shape) in enumerate(
+        [(torch.float32, (4, 3)), (torch.bfloat16, (5,)), (torch.float16, (2, 2, 2)), (torch.int8, (7,)),
+         (torch.float32, ()), (torch.float32, (0, 4)), (torch.bool, (3,)), (torch.int64, (2,))] * 2)}
+    good = tmp_path / "good.safetensors"
+    write_safetensors(good, specs, lambda n: torch.zeros(specs[n][1], dtype=specs[n][0]), metadata={"format": "pt"})
+    valid = good.read_bytes()
+    hot = 8 + int.from_bytes(valid[:8], "little")
+    rng = random.Random(0)
+
+    def case(data: bytes):
+        path = tmp_path / "case.safetensors"
+
+        def call():
+            path.write_bytes(data)
+            try:
+                SafetensorsFile(path).close()
+            finally:
+                assert path.read_bytes() == data, "the file was changed by the reader"
+        return call
+
+    report = fuzz("safetensors header", [(f"case {i}", case(mutate(valid, rng, hot=hot))) for i in range(count(400))],
+                  errors=ERRORS, unchanged=[good])
+    report.check()
+    assert report.clean_errors > report.cases // 2
+
+
+def test_fuzz_config_bytes(tiny):
+    valid = (tiny / "config.json").read_bytes()
+    rng = random.Random(1)
+    cases = [(f"case {i}", check_with(tiny, "config.json", mutate(valid, rng))) for i in range(count(200))]
+    report = fuzz("config.json bytes", cases, errors=ERRORS, unchanged=others(tiny, "config.json"))
+    report.check()
+
+
+def test_fuzz_config_structured(tiny):
+    doc = json.loads((tiny / "config.json").read_text())
+    rng = random.Random(2)
+    cases = [(f"case {i}", check_with(tiny, "config.json", structured(doc, rng))) for i in range(count(150))]
+    report = fuzz("config.json structured", cases, errors=ERRORS, unchanged=others(tiny, "config.json"))
+    report.check()
+    assert report.accepted and report.clean_errors
+
+
+def test_fuzz_shard_index(tiny):
+    valid = (tiny / INDEX).read_bytes()
+    doc = json.loads(valid)
+    files = sorted(set(doc["weight_map"].values()))
+    rng = random.Random(3)
+
+    def redirect() -> bytes:
+        """One tensor (or all of one shard's) sent elsewhere: the other shard, a missing file, outside the folder."""
+        d = copy.deepcopy(doc)
+        target = rng.choice([*files, "missing.safetensors", "../" + files[0], f"/{files[0]}", "", ".", "sub/x"])
+        names = [rng.choice(sorted(d["weight_map"]))] if rng.random() < 0.5 else \
+            [n for n, f in d["weight_map"].items() if f == rng.choice(files)]
+        d["weight_map"].update({n: target for n in names})
+        return json.dumps(d).encode()
+
+    cases = [mutate(valid, rng) for _ in range(count(100))] + [structured(doc, rng) for _ in range(count(50))] \
+        + [redirect() for _ in range(count(50))]
+    report = fuzz("shard index", [(f"case {i}", check_with(tiny, INDEX, data)) for i, data in enumerate(cases)],
+                  errors=ERRORS, unchanged=others(tiny, INDEX))
+    report.check()

@@ -35,7 +35,8 @@ def _main(argv: list[str] | None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="user message, wrapped in the model's chat template (see --raw)")
     src.add_argument("--chat", action="store_true", help="interactive chat on stdin (empty line or EOF quits)")
-    src.add_argument("--input-ids", type=_ids, help="raw prompt token ids, e.g. 2,17,301 (no template); runs even with an unreadable tokenizer "
+    src.add_argument("--input-ids", type=_ids,
+                     help="raw prompt token ids, e.g. 2,17,301 (no template); runs even with an unreadable tokenizer "
                           "file, whose output then has no text (--json gives the ids)")
     p.add_argument("--raw", action="store_true", help="with --prompt: continue the text as is, no chat template")
     p.add_argument("--image", action="append", default=[], metavar="PATH",

@@ -18,6 +18,7 @@ from .errors import UserError
 # (private-use characters; the n-th escaped text), which `encode_chat` turns into that text's ordinary tokens.
 ESCAPE, ESCAPE_END = "\ue000", "\ue001"
 _ESCAPED = re.compile(f"{ESCAPE}([0-9]+){ESCAPE_END}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _BYTE_PIECE = re.compile("<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token: a run of them decodes as one UTF-8 string
 
 
@@ -53,10 +54,11 @@ class Tokenizer:
             raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
-        if bad is not None:  # undecodable bytes of a command line or stdin, as Python's surrogate escapes
-            raise TokenizerError(f"the text is not valid UTF-8 (byte 0x{ord(text[bad]) - 0xDC00:02x} after "
-                                 f"{text[max(bad - 20, 0):bad]!r}): give UTF-8 text")
+        if bad := _SURROGATE.search(text):  # no UTF-8 text has them: bytes that were not UTF-8, as Python escapes them
+            code = ord(bad[0])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            raise TokenizerError(f"the text is not valid UTF-8 ({what} after "
+                                 f"{text[max(bad.start() - 20, 0):bad.start()]!r}): give UTF-8 text")
         ids = self._encode(text)
         return ([self.bos_token_id] if (self.add_bos if add_bos is None else add_bos) else []) + ids
 
@@ -85,7 +87,7 @@ class Tokenizer:
         ids = []
         for i, piece in enumerate(pieces):
             if i % 2:
-                text = self._escapes[0][int(piece)]
+                text = self._escapes[0][int(piece)]  # the special token's text, escaped in `render_chat`
                 ids += self._encode(text[:1]) + self._encode(text[1:])
             elif piece:
                 ids += self.encode(piece, add_bos=False)
@@ -94,8 +96,8 @@ class Tokenizer:
     def _escape(self, message):
         """`message` with the special tokens' texts (and the escape characters) in its text escaped."""
         if isinstance(message, str):
-            texts, pattern = self._escapes
-            return pattern.sub(lambda m: f"{ESCAPE}{texts.index(m[0])}{ESCAPE_END}", message)
+            _, index, pattern = self._escapes
+            return pattern.sub(lambda m: f"{ESCAPE}{index[m[0]]}{ESCAPE_END}", message)
         if isinstance(message, dict):
             return {k: self._escape(v) if k in ("content", "text") else v for k, v in message.items()}
         if isinstance(message, list):
@@ -103,10 +105,11 @@ class Tokenizer:
         return message
 
     @cached_property
-    def _escapes(self) -> tuple[list[str], re.Pattern]:
-        """The texts to escape and the pattern that finds them (longest first: `<start_of_image>` before `<s>`)."""
+    def _escapes(self) -> tuple[list[str], dict[str, int], re.Pattern]:
+        """The texts to escape, their indices, and the pattern that finds them (longest first: `<start_of_image>`
+        before `<s>`)."""
         texts = sorted(set(self._special_texts()) | {ESCAPE, ESCAPE_END}, key=lambda t: (-len(t), t))
-        return texts, re.compile("|".join(map(re.escape, texts)))
+        return texts, {t: i for i, t in enumerate(texts)}, re.compile("|".join(map(re.escape, texts)))
 
     def _user_defined_pieces(self) -> list[str]:
         """SentencePiece's user-defined symbols (matched whole in any text): the `<...>` pieces it encodes as

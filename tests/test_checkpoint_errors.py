@@ -373,3 +373,16 @@ def test_default_media_id_outside_a_small_vocabulary(tiny):
 def test_eos_outside_the_vocabulary(tiny):
     edit_json(tiny / "config.json", lambda d: d["text_config"].update(eos_token_id=[1, 100000]))
     assert "eos_token_id[1]: 100000 is outside the vocabulary" in preflight_error(tiny)
+
+
+@pytest.mark.parametrize("section,field,value,expect", [
+    ("text_config", "altup_num_inputs", 2 ** 63, "text_config.altup_num_inputs: 9223372036854775808 is larger than"),
+    ("text_config", "intermediate_size", [256, 192, 256, 2 ** 40, 256, 192], "text_config.intermediate_size[3]"),
+    ("audio_config", "hidden_size", 2 ** 31, "audio_config.hidden_size: 2147483648 is larger than"),
+    ("audio_config", "vocab_size", 10 ** 18, "audio_config.vocab_size: 1000000000000000000 is larger than"),
+    ("audio_config", "sscp_conv_kernel_size", [[3, 3], [3, 200]], "the subsampling convs leave no mel bin"),
+    ("text_config", "rope_parameters", {"full_attention": 0.5}, "text config: a field has the wrong type"),
+])
+def test_corrupt_sizes_stop_before_any_model_is_built(tiny, section, field, value, expect):
+    edit_json(tiny / "config.json", lambda d: d[section].update({field: value}))
+    assert expect in preflight_error(tiny)

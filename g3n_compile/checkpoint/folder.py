@@ -93,7 +93,8 @@ class Checkpoint:
                                       "checkpoint folder; an index must name files next to it")
         missing = sorted(n for n in set(weight_map.values()) if not (self.folder / n).is_file())
         if missing:
-            raise CheckpointError(f"{self.folder / INDEX}: lists shard files that are missing: {', '.join(missing)}")
+            raise CheckpointError(f"{self.folder / INDEX}: lists shard files that are missing: "
+                                  f"{', '.join(map(repr, missing))}")
         return weight_map
 
     def _unindexed_files(self) -> list[str]:
@@ -122,7 +123,7 @@ class Checkpoint:
         for names, what in ((misplaced, "lists tensors that are not in the shard it names"),
                             (unlisted, "does not list tensors its shards hold")):
             if names:
-                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
                 raise CheckpointError(f"{self.folder / INDEX}: {what} ({len(names)}: {shown}); the index and the "
                                       "shards are from different checkpoints")
 

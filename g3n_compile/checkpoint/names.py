@@ -7,7 +7,8 @@ wrong-shaped tensor of its part of the checkpoint.
 
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -19,6 +20,29 @@ AUDIO_TOWER, VISION_TOWER = "model.audio_tower.", "model.vision_tower."
 AUDIO_PREFIXES = (AUDIO_TOWER, "model.embed_audio.")
 VISION_PREFIXES = (VISION_TOWER + "timm_model.", "model.embed_vision.")
 TOWER_PREFIXES = (*AUDIO_PREFIXES, VISION_TOWER, "model.embed_vision.")
+
+
+def check_sizes(ckpt: Checkpoint, cfg: Any, scope: str, exempt: tuple[str, ...] = ()) -> None:
+    """Every integer of config dataclass `cfg` (nested ones included; `exempt` fields aside) at most the checkpoint's
+    largest tensor dimension or its number of tensors: a size or count above both cannot match the weights. Run
+    before a model is built from `cfg`, where a corrupt size (2**63 channels, 10**18 layers) would overflow or loop."""
+    dims = [d for f in ckpt.files.values() for info in f.tensors.values() for d in info.shape]
+    bound = max([len(ckpt.location), *dims])
+
+    def walk(value, where: str):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if f.name not in exempt:
+                    walk(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, int) and not isinstance(value, bool) and value > bound:
+            raise CheckpointError(f"{ckpt.folder / 'config.json'}: {scope}{where}: {value} is larger than any "
+                                  f"dimension or count of the checkpoint's tensors ({bound}); config.json and the "
+                                  "weights do not match")
+
+    walk(cfg, "")
 
 
 def _shared_kv_names(cfg: TextConfig) -> set[str]:

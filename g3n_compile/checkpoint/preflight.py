@@ -24,7 +24,7 @@ from ..model.config import ConfigError
 from ..model.multimodal_config import prompt_tokens
 from ..model.text import Gemma3nTextModel
 from .folder import Checkpoint, CheckpointError
-from .names import text_tensor_names
+from .names import check_sizes, text_tensor_names
 from .towers import check_towers
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -34,39 +34,20 @@ MAX_TOKENIZER_BYTES = 256 * 1024 * 1024  # Gemma 3n's tokenizer.json is 33 MB
 MAX_TEMPLATE_BYTES = 1024 * 1024  # Gemma 3n's chat template is 2 KB
 
 
-# TextConfig's sizes that are a tensor dimension or count: none can exceed the checkpoint's largest dimension or
-# its number of tensors without the config and the weights disagreeing. Checked before the model is built, as a
-# corrupt size (2**63 streams, 10**18 layers) would otherwise overflow or loop there.
-SIZE_FIELDS = ("vocab_size", "vocab_size_per_layer_input", "hidden_size", "hidden_size_per_layer_input",
-               "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-               "laurel_rank", "altup_num_inputs")
-
-
 def check_checkpoint(ckpt: Checkpoint) -> None:
     """Raise one CheckpointError (one line) for the first fault in the folder that shows without tensor data."""
-    _check_sizes(ckpt)
-    with torch.device("meta"):
-        text_tensor_names(ckpt, Gemma3nTextModel(ckpt.config))
     vocab = ckpt.config.vocab_size
     for i, eos in enumerate(ckpt.config.eos_token_id):
         if eos >= vocab:
             raise CheckpointError(f"{ckpt.folder / 'config.json'}: eos_token_id[{i}]: {eos} is outside the "
                                   f"vocabulary (vocab_size={vocab})")
+    # Not sizes: a window and a context may exceed every tensor dimension of a small model.
+    check_sizes(ckpt, ckpt.config, "text_config.", exempt=("sliding_window", "max_position_embeddings"))
+    with torch.device("meta"):
+        text_tensor_names(ckpt, Gemma3nTextModel(ckpt.config))
     tokenizer = _check_tokenizer_files(ckpt)
     if check_towers(ckpt):
         _check_media_tokens(ckpt, tokenizer)
-
-
-def _check_sizes(ckpt: Checkpoint) -> None:
-    dims = [d for f in ckpt.files.values() for info in f.tensors.values() for d in info.shape]
-    bound = max([len(ckpt.location), *dims])
-    for name in SIZE_FIELDS:
-        value = getattr(ckpt.config, name)
-        for v in value if isinstance(value, tuple) else (value,):
-            if v > bound:
-                raise CheckpointError(f"{ckpt.folder / 'config.json'}: text_config.{name}: {v} is larger than any "
-                                      f"dimension or count of the checkpoint's tensors ({bound}); config.json and "
-                                      "the weights do not match")
 
 
 def _check_media_tokens(ckpt: Checkpoint, tokenizer: Tokenizer | None) -> None:

@@ -34,27 +34,9 @@ from ..model.vision import Gemma3nVisionModel
 from ..model.vision_config import VisionConfig
 from .folder import Checkpoint, CheckpointError
 from .load import assign_parameter, for_export
-from .names import AUDIO_TOWER, VISION_TOWER, audio_tensor_names, vision_tensor_names
+from .names import AUDIO_TOWER, VISION_TOWER, audio_tensor_names, check_sizes, vision_tensor_names
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-
-
-@dataclass
-class Tower:
-    """One tower + embedder to compile: its model (weights uninitialised: the export reads shapes), where its
-    parameters are in the checkpoint, and how its inputs are made (`LogMelSpec` for audio, `ImagePreprocessing`
-    for vision)."""
-
-    kind: str  # "audio" or "vision"
-    model: nn.Module
-    stored_names: dict[str, str]  # parameter name -> checkpoint tensor name
-    preprocessing: LogMelSpec | ImagePreprocessing
-
-    @property
-    def embedder(self) -> MultimodalEmbedder:
-        return getattr(self.model, f"embed_{self.kind}")
-
-
 # preprocessor_config.json's fields the feature extractor and image processor take, and what each must be
 # (the runtime's readers take the values as they are; a wrong type would fail inside the export or at run time).
 COUNT = "a positive integer"
@@ -71,6 +53,22 @@ PREPROCESSOR_FIELDS = {
     "padding_value": NUMBER, "resample": FILTER, "rescale_factor": POSITIVE, "do_rescale": FLAG,
     "do_normalize": FLAG, "image_mean": NUMBERS, "image_std": NUMBERS,
 }
+
+
+@dataclass
+class Tower:
+    """One tower + embedder to compile: its model (weights uninitialised: the export reads shapes), where its
+    parameters are in the checkpoint, and how its inputs are made (`LogMelSpec` for audio, `ImagePreprocessing`
+    for vision)."""
+
+    kind: str  # "audio" or "vision"
+    model: nn.Module
+    stored_names: dict[str, str]  # parameter name -> checkpoint tensor name
+    preprocessing: LogMelSpec | ImagePreprocessing
+
+    @property
+    def embedder(self) -> MultimodalEmbedder:
+        return getattr(self.model, f"embed_{self.kind}")
 
 
 def _is(kind: str, v) -> bool:
@@ -155,6 +153,7 @@ def _vision_preprocessing(preprocessor: dict) -> ImagePreprocessing:
 
 def _tower_model(ckpt: Checkpoint, kind: str, cfg: AudioConfig | VisionConfig) -> tuple[nn.Module, dict[str, str]]:
     """The tower's model on the meta device (shapes only) and its parameters' checkpoint names (validated)."""
+    check_sizes(ckpt, cfg, f"{kind}_config.")
     model_class, tensor_names = (AudioModel, audio_tensor_names) if kind == "audio" else \
         (Gemma3nVisionModel, vision_tensor_names)
     with torch.device("meta"):

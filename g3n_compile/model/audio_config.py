@@ -61,6 +61,14 @@ class AudioConfig:
         last id of the text vocabulary, which is the last audio id)."""
         return self.text_vocab_size - 1
 
+    @property
+    def subsampled_bins(self) -> int:
+        """Mel bins left after the two subsampling convs (padded by 1 on each side in frequency)."""
+        freq = self.input_feat_size
+        for (_, kernel), (_, stride) in zip(self.sscp_conv_kernel_size, self.sscp_conv_stride_size):
+            freq = (freq + 2 - kernel) // stride + 1
+        return freq
+
     def tokens(self, frames: int) -> int:
         """Encoder outputs for `frames` feature frames: each subsampling conv keeps ceil(T / stride)."""
         for stride, _ in self.sscp_conv_stride_size:
@@ -129,6 +137,9 @@ def _validate(c: AudioConfig) -> None:
     if c.conf_num_hidden_layers > MAX_LAYERS:
         raise ConfigError(f"{s}conf_num_hidden_layers: {c.conf_num_hidden_layers} is more than {MAX_LAYERS}; "
                           "the config is corrupt")
+    if c.subsampled_bins < 1:
+        raise ConfigError(f"{s}sscp_conv_kernel_size: the subsampling convs leave no mel bin of the "
+                          f"{c.input_feat_size} (kernels wider than the features)")
     if c.hidden_size % c.conf_num_attention_heads:
         raise ConfigError(f"{s}conf_num_attention_heads: {c.conf_num_attention_heads} does not divide "
                           f"hidden_size={c.hidden_size}")

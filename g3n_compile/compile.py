@@ -39,6 +39,7 @@ from . import __version__
 from .archive import write_archive
 from .checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from .checkpoint.load import text_model_for_export
+from .checkpoint.preflight import check_checkpoint
 from .checkpoint.towers import PREPROCESSOR_CONFIG, Tower, find_towers, token_ids, token_table, tower_configs
 from .export.encoders import ExportedEncoder, export_encoder
 from .export.program import PARAM_SCOPE
@@ -114,6 +115,7 @@ def compile_model(model: str, targets: str | list[str], out: Path, max_context: 
     t_start = time.perf_counter()
     log(f"g3n-compile: reading {folder}")
     ckpt = Checkpoint(folder)
+    check_checkpoint(ckpt)  # every fault that shows without tensor data, before the long export
     weight_dtype = ckpt.text_dtype() if dtype == "auto" else WEIGHT_DTYPES[dtype]
     if weight_dtype not in WEIGHT_DTYPES.values():
         raise CompileError(f"{folder}: weights stored as {weight_dtype}; choose --dtype float32 or bfloat16")

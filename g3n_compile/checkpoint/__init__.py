@@ -4,6 +4,8 @@ E2B/E4B-shaped weights for benchmarks). Imports the model package, never the exp
 
 from .folder import Checkpoint, CheckpointError
 from .load import load_model, load_text_model
+from .preflight import check_checkpoint
 from .presets import cache_root, resolve_checkpoint
 
-__all__ = ["Checkpoint", "CheckpointError", "load_model", "load_text_model", "cache_root", "resolve_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "check_checkpoint", "load_model", "load_text_model", "cache_root",
+           "resolve_checkpoint"]

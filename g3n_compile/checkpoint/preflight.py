@@ -79,7 +79,7 @@ def _check_tokenizer_files(ckpt: Checkpoint) -> Tokenizer | None:
     template, source = tok_cfg.get("chat_template"), folder / TOKENIZER_CONFIG
     if (folder / CHAT_TEMPLATE).is_file():
         source = folder / CHAT_TEMPLATE
-        template = _read_text(source, MAX_TEMPLATE_BYTES)
+        template = _read_template(source)
     if template is not None:
         try:
             jinja2.Environment().parse(template)
@@ -107,9 +107,9 @@ def _check_tokenizer_files(ckpt: Checkpoint) -> Tokenizer | None:
     return tokenizer
 
 
-def _read_text(path: Path, limit: int) -> str:
-    if path.stat().st_size > limit:
-        raise CheckpointError(f"{path}: larger than {limit} bytes; not a chat template")
+def _read_template(path: Path) -> str:
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_TEMPLATE_BYTES} bytes; not a chat template")
     try:
         return path.read_bytes().decode()
     except UnicodeDecodeError as e:

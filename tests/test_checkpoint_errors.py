@@ -274,7 +274,7 @@ def test_corrupt_tokenizer_json(tiny):
     path = tiny / "tokenizer.json"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     msg = preflight_error(tiny)
-    assert "tokenizer.json: cannot be read" in msg
+    assert "tokenizer.json: not a readable tokenizer" in msg
 
 
 @pytest.mark.parametrize("text,expect", [

@@ -18,7 +18,7 @@ import jinja2
 import torch
 
 from runtime.errors import one_line
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import Tokenizer, TokenizerError
 
 from ..model.config import ConfigError
 from ..model.multimodal_config import prompt_tokens
@@ -93,9 +93,8 @@ def _check_tokenizer_files(ckpt: Checkpoint) -> Tokenizer | None:
     bos = ckpt.config.bos_token_id
     try:
         tokenizer = Tokenizer(folder, bos, tok_cfg.get("add_bos_token", True), template)
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for a bad file
-        raise CheckpointError(f"{folder / TOKENIZER_JSON}: cannot be read ({one_line(e, 200)}); "
-                              "fix or re-download it") from None
+    except TokenizerError as e:  # its message names the file and why
+        raise CheckpointError(str(e)) from None
     if tokenizer.id_to_token(bos) is None:
         raise CheckpointError(f"{folder / 'config.json'}: bos_token_id {bos} is not a token of {TOKENIZER_JSON}")
     if template is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -41,6 +42,16 @@ MANIFEST = "g3n.json"
 
 class ManifestError(UserError, ValueError):
     """A g3n.json that this runtime cannot use; the message says why and what to do."""
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+# The text config's keys that the runtime and `Manifest.check` read, with their types; the rest of the config
+# is carried along unread. Every count must be positive but those in `MAY_BE_ZERO`.
+CONFIG_KEYS = {"vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "hidden_size_per_layer_input": int,
+               "vocab_size_per_layer_input": int, "num_key_value_heads": int, "head_dim": int, "sliding_window": int,
+               "num_kv_shared_layers": int, "max_position_embeddings": int, "layer_types": tuple[str, ...]}
+MAY_BE_ZERO = {"num_kv_shared_layers"}
+TABLE_DTYPES = ("float32", "float16", "bfloat16")  # what the runtime reads from the archive on the host
 
 
 @dataclass(frozen=True)
@@ -273,6 +284,93 @@ class Manifest:
         mine, theirs = self.to_dict(), other.to_dict()
         return all(mine[k] == theirs[k] for k in self.BUILD)
 
+    def check(self) -> None:
+        """ValueError naming the first field that disagrees with the others (reading checks the types). The
+        module is built for these numbers: a hand-edited max_context would run prompts past its KV caches."""
+        c = _text_config(self.config)
+        vocab, hidden, layers = c["vocab_size"], c["hidden_size"], c["num_hidden_layers"]
+        _expect("prefill_chunk", self.prefill_chunk, range(1, self.max_context + 1), "1..max_context")
+        _expect("max_context", self.max_context, range(1, c["max_position_embeddings"] + 1),
+                "1..config.max_position_embeddings")
+        _expect("weight_dtype", self.weight_dtype, TABLE_DTYPES, "one of " + ", ".join(TABLE_DTYPES))
+        if self.quantization != "none" and not (isinstance(self.quantization, dict)
+                                                and isinstance(self.quantization.get("weights"), str)):
+            raise ValueError(f"quantization: expected \"none\" or an object naming its weights, got "
+                             f"{self.quantization!r:.60}")
+        rows = layers * c["hidden_size_per_layer_input"]
+        _match_functions("functions", self.functions, text_functions(self.prefill_chunk, rows, hidden, vocab))
+        self._check_kv_cache(c)
+        _check_table("per_layer_rows", self.per_layer_rows, (c["vocab_size_per_layer_input"], rows))
+        ids = {f"stop_token_ids[{i}]": t for i, t in enumerate(self.stop_token_ids)}
+        ids.update({"tokenizer.bos_token_id": self.tokenizer.bos_token_id,
+                    "tokenizer.pad_token_id": self.tokenizer.pad_token_id})
+        if self.prompt_tokens is not None:
+            ids.update((f"prompt_tokens.{k}", t) for k, t in _to_json(self.prompt_tokens).items())
+        for where, token in ids.items():
+            _expect(where, token, range(vocab), f"a token id below config.vocab_size ({vocab})")
+        self._check_encoders(vocab, hidden)
+        if self.parameters is not None:
+            _file_name("parameters.file", self.parameters.file)
+        for name, t in self.targets.items():
+            modules = {"": t, **{f".encoders.{k}": e for k, e in t.encoders.items()}}
+            for where, module in modules.items():
+                _file_name(f"targets.{name}{where}.file", module.file, ".vmfb")
+                if len(module.sha256) != 64 or not all(ch in "0123456789abcdef" for ch in module.sha256):
+                    raise ValueError(f"targets.{name}{where}.sha256: not a sha256 digest")
+            unknown = set(t.encoders) - set(self.encoders)
+            if unknown:
+                raise ValueError(f"targets.{name}.encoders: {', '.join(sorted(unknown))} not among encoders "
+                                 f"({', '.join(self.encoders) or 'none'})")
+
+    def _check_kv_cache(self, c: dict) -> None:
+        """One cache per KV-owning layer, as the export lays them out (g3n_compile/model/text.py)."""
+        layers, types = c["num_hidden_layers"], c["layer_types"]
+        if len(types) != layers:
+            raise ValueError(f"config.layer_types has {len(types)} entries; expected {layers} (num_hidden_layers)")
+        for i, kind in enumerate(types):
+            _expect(f"config.layer_types[{i}]", kind, (SLIDING, FULL), f"{SLIDING} or {FULL}")
+        _expect("config.num_kv_shared_layers", c["num_kv_shared_layers"], range(layers), "below num_hidden_layers")
+        owners = layers - c["num_kv_shared_layers"]
+        got = self.kv_cache.layers
+        _expect("kv_cache.layers", [entry.layer for entry in got], (list(range(owners)),),
+                f"the KV-owning layers 0..{owners - 1}")
+        for i, entry in enumerate(got):
+            sliding = types[entry.layer] == SLIDING
+            slots = min(c["sliding_window"], self.max_context) if sliding else self.max_context
+            want = CacheLayer(entry.layer, types[entry.layer], slots, sliding,
+                              (1, c["num_key_value_heads"], slots, c["head_dim"]))
+            for f in dataclasses.fields(CacheLayer):
+                _expect(f"kv_cache.layers[{i}].{f.name}", getattr(entry, f.name), (getattr(want, f.name),),
+                        f"{getattr(want, f.name)} by max_context ({self.max_context}) and the config")
+        _expect("kv_cache.shared", sorted(self.kv_cache.shared), (sorted(map(str, range(owners, layers))),),
+                f"the KV-sharing layers {owners}..{layers - 1}")
+        for layer, source in self.kv_cache.shared.items():
+            _expect(f"kv_cache.shared.{layer}", source, [i for i in range(owners) if types[i] == types[int(layer)]],
+                    f"an earlier layer of type {types[int(layer)]}")
+
+    def _check_encoders(self, vocab: int, hidden: int) -> None:
+        kinds = {"audio": AudioEncoder, "vision": VisionEncoder}
+        for kind, encoder in self.encoders.items():
+            if kind not in kinds:
+                raise ValueError(f"encoders.{kind}: not an encoder this runtime knows (known: {', '.join(kinds)})")
+            if not isinstance(encoder, kinds[kind]):
+                raise ValueError(f"encoders.{kind}: holds the fields of a {type(encoder).__name__}")
+            if isinstance(encoder, AudioEncoder):
+                want = audio_function(encoder.frames, encoder.features.feature_size, encoder.soft_tokens, hidden)
+            else:
+                want = vision_function(encoder.image_size, encoder.soft_tokens, hidden)
+                size = encoder.preprocessing.height, encoder.preprocessing.width
+                _expect(f"encoders.{kind}.preprocessing", size, ((encoder.image_size,) * 2,),
+                        f"image_size x image_size ({encoder.image_size})")
+            _match_function(f"encoders.{kind}", encoder.signature, want)
+        if self.encoders and (self.prompt_tokens is None or self.multimodal_tokens is None):
+            raise ValueError("encoders are listed, but prompt_tokens or multimodal_tokens is missing")
+        if self.multimodal_tokens is not None:
+            table = self.multimodal_tokens
+            _check_table("multimodal_tokens", table, (table.shape[0], hidden))
+            _expect("multimodal_tokens.first_id", table.first_id, range(vocab - table.shape[0] + 1),
+                    f"at most config.vocab_size - rows ({vocab - table.shape[0]})")
+
     def write(self, folder: Path) -> None:
         """Atomically: a reader sees the old manifest or the new one, never half of one."""
         path = Path(folder) / MANIFEST
@@ -283,16 +381,18 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST) -> "Manifest":
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ManifestError(f"{where}: not a g3n module manifest")
+            raise ManifestError(f"{where}: not a g3n module manifest; recompile the folder with g3n-compile")
         version = raw.get("abi_version")  # absent: written before the ABI had a version
         if version != ABI_VERSION:
-            written = f"module ABI {version}" if version is not None else "an unversioned module ABI"
+            written = f"module ABI {version!r}" if version is not None else "an unversioned module ABI"
             raise ManifestError(f"{where}: written by g3n {raw.get('g3n_version', '?')} with {written}; this g3n "
                                 f"reads ABI {ABI_VERSION}: recompile the folder with g3n-compile")
         try:
-            return _from_json(cls, raw, "")
-        except (TypeError, ValueError, KeyError) as e:
-            raise ManifestError(f"{where}: {e}; recompile the folder with g3n-compile") from None
+            manifest = _from_json(cls, raw, "")
+            manifest.check()
+        except (TypeError, ValueError, KeyError) as e:  # KeyError's str() would quote the message
+            raise ManifestError(f"{where}: {e.args[0]}; recompile the folder with g3n-compile") from None
+        return manifest
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
@@ -301,9 +401,59 @@ class Manifest:
             raise ManifestError(f"{folder}: not a g3n output folder (no {MANIFEST}); create one with g3n-compile")
         try:
             raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # also not UTF-8, integers past Python's digit limit, deep nesting
+            raise ManifestError(f"{path}: not valid JSON ({e}); recompile the folder with g3n-compile") from None
         return cls.from_dict(raw, str(path))
+
+
+def _text_config(config: dict) -> dict:
+    """The keys of `CONFIG_KEYS`, checked."""
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise KeyError(f"config: missing {', '.join(missing)}")
+    checked = {k: _from_json(tp, config[k], f"config.{k}") for k, tp in CONFIG_KEYS.items()}
+    for k, v in checked.items():
+        if v == 0 and k not in MAY_BE_ZERO:
+            raise ValueError(f"config.{k}: must be positive")
+    return checked
+
+
+def _expect(where: str, value: Any, allowed, what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where} is {value!r:.80}; expected {what}")
+
+
+def _show(t: Tensor) -> str:
+    return f"{t.name} {t.dtype}[{', '.join(map(str, t.shape))}]"
+
+
+def _match_function(where: str, got: Function, want: Function) -> None:
+    """ValueError naming the first argument or result of `got` that differs from `want` (docs aside)."""
+    _expect(f"{where}.name", got.name, (want.name,), repr(want.name))
+    for part in ("args", "results"):
+        mine, theirs = getattr(got, part), getattr(want, part)
+        _expect(f"{where}.{part}", len(mine), (len(theirs),), f"{len(theirs)} ({', '.join(map(_show, theirs))})")
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            if a != b:
+                raise ValueError(f"{where}.{part}[{i}] is {_show(a)}; the sizes elsewhere in {MANIFEST} (config, "
+                                 f"prefill_chunk, encoders) make it {_show(b)}")
+
+
+def _match_functions(where: str, got: dict[str, Function], want: dict[str, Function]) -> None:
+    _expect(where, sorted(got), (sorted(want),), ", ".join(want))
+    for name, function in want.items():
+        _match_function(f"{where}.{name}", got[name], function)
+
+
+def _check_table(where: str, table: PerLayerRows | TokenTable, shape: tuple[int, ...]) -> None:
+    _expect(f"{where}.dtype", table.dtype, TABLE_DTYPES, "one of " + ", ".join(TABLE_DTYPES))
+    _expect(f"{where}.shape", table.shape, (shape,), f"{list(shape)} from the config")
+
+
+def _file_name(where: str, name: str, suffix: str = "") -> None:
+    """Files are named relative to the folder, and stay in it."""
+    if not name.endswith(suffix) or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"{where} is {name!r:.80}; expected a {suffix or 'file'} name in the folder")
 
 
 def sha256_file(path: Path) -> str:
@@ -328,6 +478,13 @@ def _to_json(value: Any) -> Any:
     return value
 
 
+def _fields(tp: Any) -> tuple[set[str], set[str]]:
+    """Dataclass `tp`'s field names, and those of them without a default."""
+    fields = [f for f in dataclasses.fields(tp) if f.init]
+    return ({f.name for f in fields},
+            {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+
+
 def _from_json(tp: Any, value: Any, where: str) -> Any:
     """`value` (parsed JSON) as type `tp`, checked; `where` names the field in errors."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -335,30 +492,29 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:  # unions of dataclasses: the first whose fields fit
-            try:
-                return _from_json(option, value, where)
-            except (TypeError, ValueError, KeyError):
-                pass
-        return _from_json(options[-1], value, where)
+        # Unions of dataclasses: the one whose field names the object has, so that errors are about its fields.
+        named = [o for o in options if isinstance(value, dict) and dataclasses.is_dataclass(o)
+                 and _fields(o)[1] <= set(value) <= _fields(o)[0]]
+        return _from_json(named[0] if len(named) == 1 else options[-1], value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"{where or 'top level'}: expected an object, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
-        known = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        unknown = set(value) - set(known)
+        known, required = _fields(tp)
+        unknown = set(value) - known
         if unknown:
             raise KeyError(f"{where or 'top level'}: unknown fields {sorted(unknown)}")
-        missing = [n for n, f in known.items() if n not in value and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+        missing = required - set(value)
         if missing:
-            raise KeyError(f"{where or 'top level'}: missing {', '.join(missing)}")
+            raise KeyError(f"{where or 'top level'}: missing {', '.join(sorted(missing))}")
         return tp(**{n: _from_json(hints[n], v, f"{where}.{n}".lstrip(".")) for n, v in value.items()})
     if origin is tuple:
         if not isinstance(value, list):
             raise TypeError(f"{where}: expected a list, got {type(value).__name__}")
-        item = args[0]
-        return tuple(_from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        items = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            raise ValueError(f"{where}: expected {len(items)} items, got {len(value)}")
+        return tuple(_from_json(item, v, f"{where}[{i}]") for i, (item, v) in enumerate(zip(items, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected an object, got {type(value).__name__}")
@@ -372,5 +528,8 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise TypeError(f"{where}: expected {tp.__name__}, got {value!r:.80}")
+    # No count, size, index or id in a manifest is negative; JSON's NaN and Infinity are no settings.
+    if tp is int and value < 0 or tp is float and not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is {'negative' if tp is int else 'not a finite number'}")
     return value

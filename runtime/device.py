@@ -1,7 +1,8 @@
 """IREE devices by name, opened with one clear error when absent, and results read back from them.
 
 A device is `cpu`, `vulkan` or `cuda`, optionally `:N` for the Nth device of that kind (`vulkan:1`), or
-a raw IREE driver name (`local-task`, `local-sync`, ...).
+a raw IREE driver name (`local-task`, `local-sync`, ...). A name that is none of these, or a device this
+machine lacks, is one line that lists the devices it has.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ KINDS = {"cpu": "local-task", "vulkan": "vulkan", "cuda": "cuda"}  # device kind
 PRELOAD_PARAMETERS = {"vulkan"}
 
 
+# The Python exceptions IREE's failure statuses become (INVALID_ARGUMENT: ValueError, OUT_OF_RANGE: IndexError,
+# NOT_FOUND: KeyError, UNIMPLEMENTED: NotImplementedError, the rest: RuntimeError).
+IREE_ERRORS = (ValueError, LookupError, RuntimeError)
+
+
 class DeviceError(UserError, RuntimeError):
     """A device that does not exist here, or a device name that cannot be parsed."""
 
@@ -32,8 +38,9 @@ class Device:
     @classmethod
     def parse(cls, spec: str) -> "Device":
         name, _, index = spec.strip().partition(":")
-        if not name or (index and not index.isdigit()):
-            raise DeviceError(f"device {spec!r}: expected cpu, vulkan or cuda, optionally with an index (vulkan:1)")
+        if name not in KINDS and name not in rt.query_available_drivers() or (index and not index.isdigit()):
+            raise DeviceError(f"device {spec!r:.40}: expected cpu, vulkan or cuda, optionally with an index "
+                              f"(vulkan:1), or an IREE driver ({', '.join(rt.query_available_drivers())}); {_here()}")
         return cls(KINDS.get(name, name), int(index or 0))
 
     @property
@@ -46,27 +53,51 @@ class Device:
         """Whether a module compiled for `module_driver` runs here (CPU modules run on every local driver)."""
         return Device(module_driver).kind == self.kind
 
+    @property
+    def name(self) -> str:
+        return f"{self.kind} device {self.index}" if self.index else f"{self.kind} device"
+
     def open(self):
         """The IREE HalDevice; DeviceError if this machine has no such device."""
         try:
-            driver = rt.get_driver(self.driver)
-            found = driver.query_available_devices()
-        except (ValueError, RuntimeError) as e:
-            raise DeviceError(f"no {self.kind} device here: IREE's {self.driver} driver is unavailable "
-                              f"({_reason(e)})") from None
+            found = _devices(self.driver)
+        except IREE_ERRORS as e:
+            raise DeviceError(f"no {self.name} here: IREE's {self.driver} driver is unavailable ({iree_reason(e)}); "
+                              f"{_here()}") from None
         if self.index >= len(found):
-            raise DeviceError(f"no {self.kind} device {self.index} here ({len(found)} found)")
+            raise DeviceError(f"no {self.name} here ({len(found)} found); {_here()}")
         path = found[self.index]["path"]
         try:
             return rt.get_device(f"{self.driver}://{path}" if path else self.driver)
-        except (ValueError, RuntimeError) as e:
-            raise DeviceError(f"{self.kind} device {self.index} could not be opened ({_reason(e)})") from None
+        except IREE_ERRORS as e:
+            raise DeviceError(f"{self.name} could not be opened ({iree_reason(e)})") from None
 
 
-def _reason(error: Exception) -> str:
-    """IREE's message without its source location and status prefix."""
+def _devices(driver: str) -> list[dict]:
+    return rt.get_driver(driver).query_available_devices()
+
+
+def available() -> list[str]:
+    """The devices of each kind this machine has, as --device names: cpu, vulkan, vulkan:1, ..."""
+    names = []
+    for kind, driver in KINDS.items():
+        try:
+            count = len(_devices(driver))
+        except IREE_ERRORS:  # the driver's library is absent
+            continue
+        names += [f"{kind}:{i}" if i else kind for i in range(count)]
+    return names
+
+
+def _here() -> str:
+    return f"devices here: {', '.join(available()) or 'none'}"
+
+
+def iree_reason(error: Exception) -> str:
+    """IREE's first line without its source location and status prefix (nor the colon that announces the
+    lines left out)."""
     line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"^.*?\.c:\d+: [A-Z_]+; ", "", line)
+    return re.sub(r"^.*?\.c:\d+: [A-Z_]+; ", "", line).rstrip(": ;")
 
 
 class Readback:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from g3n_compile.model.config import E2B, E4B, FULL, SLIDING, ConfigError, TextConfig
@@ -44,3 +46,14 @@ def test_missing_field_is_named():
 def test_shared_layers_need_a_producer():
     with pytest.raises(ConfigError, match="num_kv_shared_layers"):
         E2B.replace(layer_types=(SLIDING,) * 20 + (FULL,) * 10)
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("num_hidden_layers", 2**40, "num_hidden_layers: 1099511627776 is more than 1000 layers"),
+    ("layer_types", "abc", "layer_types: expected a list, got 'abc'"),
+    ("rope_parameters", {"full_attention": 5}, "rope_parameters.full_attention: expected an object, got 5"),
+])
+def test_corrupt_fields_are_refused_before_anything_is_built_from_them(field, value, expect):
+    raw = {**E2B.to_hf_dict(), field: value}
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        TextConfig.from_hf_dict(raw)

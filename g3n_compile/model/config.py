@@ -19,6 +19,7 @@ from runtime.errors import UserError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+MAX_LAYERS = 1000  # E4B has 35; a bound that keeps a corrupt count from allocating per-layer tuples
 
 
 class ConfigError(UserError, ValueError):
@@ -170,9 +171,13 @@ def _from_text_dict(d: dict[str, Any], scope: str) -> TextConfig:
         raise ConfigError(f"{scope}rope_scaling: {d['rope_scaling']!r} is not supported (expected null)")
 
     n = config_int(scope, "num_hidden_layers", field("num_hidden_layers", required=True))
+    if n > MAX_LAYERS:  # before any per-layer tuple is built from it
+        raise ConfigError(f"{scope}num_hidden_layers: {n} is more than {MAX_LAYERS} layers")
     inter = field("intermediate_size", required=True)
     inter = tuple(inter) if isinstance(inter, list) else (inter,) * n
     layer_types = field("layer_types")
+    if layer_types is not None and not isinstance(layer_types, list):
+        raise ConfigError(f"{scope}layer_types: expected a list, got {layer_types!r}")
     layer_types = tuple(layer_types) if layer_types is not None else _default_layer_types(n)
     sparsity = field("activation_sparsity_pattern")
     if sparsity is None:
@@ -235,6 +240,8 @@ def _rope_thetas(d: dict[str, Any], scope: str) -> tuple[float, float]:
     thetas = {}
     for kind, default in ((FULL, full), (SLIDING, sliding)):
         p = params.get(kind) or {}
+        if not isinstance(p, dict):
+            raise ConfigError(f"{scope}rope_parameters.{kind}: expected an object, got {p!r}")
         rope_type = p.get("rope_type", "default")
         if rope_type != "default":
             raise ConfigError(f"{scope}rope_parameters.{kind}.rope_type: {rope_type!r} is not supported (expected 'default')")

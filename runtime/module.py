@@ -72,8 +72,10 @@ class CompiledModel:
         vmfb = self._module_file(m.targets[self.target])
         t0 = time.perf_counter()
         try:
+            self.config = rt.Config(device=self.device.open())
+            # After the device: on drivers in PRELOAD_PARAMETERS, this reads the whole archive into memory.
             self._read_archive(self.folder / m.parameters.file, vmfb.name)
-        except ArchiveError as e:
+        except (DeviceError, ArchiveError) as e:
             raise ModelError(str(e)) from None
         self._encoders = {}
         self.prefill_abi, self.decode_abi = m.functions["prefill"], m.functions["decode"]
@@ -81,10 +83,6 @@ class CompiledModel:
         self.max_context = m.max_context
         self.vocab_size = m.config["vocab_size"]
         self.hidden_size = m.config["hidden_size"]
-        try:
-            self.config = rt.Config(device=self.device.open())
-        except DeviceError as e:
-            raise ModelError(str(e)) from None
         self._prefill, self._decode = self._functions(vmfb, self.prefill_abi, self.decode_abi)
         self._read = Readback(self.config.device)
         self.load_seconds = time.perf_counter() - t0

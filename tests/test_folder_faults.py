@@ -31,7 +31,6 @@ import pytest
 import targets
 from g3n_compile.compile import compile_model
 from runtime import load
-from runtime.abi import Manifest
 from runtime.archive import ArchiveReader
 from runtime.device import available
 from runtime.module import CompiledModel, ModelError
@@ -143,10 +142,6 @@ def test_edited_max_context_never_runs(folder):
     edit_manifest(folder, put("max_context", 256))
     with pytest.raises(ModelError, match="max_context"):
         load(folder)
-
-
-def test_compiled_manifest_is_consistent(compiled):
-    Manifest.read(compiled).check()
 
 
 # ---- model.irpa -----------------------------------------------------------------------------------------

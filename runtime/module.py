@@ -175,8 +175,10 @@ class CompiledModel:
                 if abi is None:
                     raise ModelError(f"{self.folder} has no {kind} encoder: the checkpoint it was compiled from has "
                                      f"no {kind} tower, so prompts with {medium} cannot run on it")
-                raise ModelError(f"{self.folder} has no {kind} encoder for {self.target} (it did not compile for "
-                                 f"that target); run prompts with {medium} on another device of the folder")
+                others = [t for t, m in self.manifest.targets.items() if kind in m.encoders]
+                where = f" (it has one for {', '.join(others)}: --device {others[0]})" if others else ""
+                raise ModelError(f"{self.folder} has no {kind} encoder for {self.target} (compiled with --skip-encoder "
+                                 f"{kind}); run prompts with {medium} on another target of the folder{where}")
             self._encoders[kind] = abi, self._functions(self._module_file(entry), abi.signature)[0]
         return self._encoders[kind]
 

@@ -11,13 +11,6 @@ from g3n_compile.compile import compile_model
 from runtime.cli import main as g3n_run
 
 
-@pytest.fixture(scope="module")
-def tiny_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-out")
-    compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, log=lambda *_: None)
-    return out
-
-
 def one_error(capsys, prog) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     lines = [line for line in err if line.startswith(f"{prog}: error:")]

@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 
 import targets
-from g3n_compile.compile import compile_model
 from runtime import load
 from runtime.archive import ArchiveReader
 from runtime.device import available
@@ -39,16 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PLE = "embed_tokens_per_layer.weight"
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("faults") / "tiny"
-    compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, log=lambda *_: None)
-    return out
-
-
 @pytest.fixture
-def folder(compiled, tmp_path):
-    return shutil.copytree(compiled, tmp_path / "tiny")
+def folder(tiny_out, tmp_path):
+    return shutil.copytree(tiny_out, tmp_path / "tiny")
 
 
 def load_error(folder, **kw) -> str:

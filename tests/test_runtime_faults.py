@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from g3n_compile.checkpoint.tiny_random import CHAT_TEMPLATE
-from g3n_compile.compile import compile_model
 from runtime import load
 from runtime.cli import main as g3n_run
 from runtime.errors import UserError
@@ -27,13 +26,6 @@ from runtime.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[2, 17, 301], [2, 40, 41, 42, 43], [2, 99], [2, 5, 6, 7, 8, 9]]
 SAMPLINGS = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=50, seed=3)]
-
-
-@pytest.fixture(scope="module")
-def tiny_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-out")
-    compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, log=lambda *_: None)
-    return out
 
 
 @pytest.fixture(scope="module")

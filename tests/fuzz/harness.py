@@ -9,6 +9,8 @@ Memory is what Python and numpy allocate (tracemalloc sees numpy's buffers), mea
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
 import time
@@ -21,6 +23,9 @@ from typing import Callable
 SCALE = float(os.environ.get("G3N_FUZZ_SCALE", "1"))
 INTERESTING = (0, 1, 0x7F, 0x80, 0xFF)
 INTERESTING_WORDS = (0, 1, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 2_000_003, 1 << 20)
+# What a structured JSON mutation puts in place of an entry: wrong types, zero, negative, huge, non-finite.
+REPLACEMENTS = ("text", True, None, [], {}, [1, 2], 0, -1, -(2 ** 63), 2 ** 31, 2 ** 63, 10 ** 18, 1e308,
+                float("nan"), float("inf"), 0.5, -0.5)
 
 
 def mutate(data: bytes, rng: random.Random, hot: int | None = None) -> bytes:
@@ -49,6 +54,35 @@ def mutate(data: bytes, rng: random.Random, hot: int | None = None) -> bytes:
         else:
             buf[at:at] = buf[at:at + rng.randrange(1, 256)]
     return bytes(buf)
+
+
+def json_paths(node, at=()):
+    """Every key/index path into a JSON document."""
+    yield at
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        yield from json_paths(child, at + (key,))
+
+
+def mutate_json(doc, rng: random.Random) -> bytes:
+    """`doc` with one entry, at any depth, dropped, (a number) nudged by one, made a 5000-digit integer (over
+    Python's int() limit: the reader must refuse it cleanly), or replaced by a REPLACEMENTS value."""
+    doc = copy.deepcopy(doc)
+    at = rng.choice([p for p in json_paths(doc) if p])
+    parent = doc
+    for key in at[:-1]:
+        parent = parent[key]
+    value, roll = parent[at[-1]], rng.random()
+    if roll < 0.25:
+        del parent[at[-1]]
+    elif roll < 0.45 and type(value) in (int, float):
+        parent[at[-1]] = value + rng.choice((-1, 1))
+    elif roll < 0.55:
+        parent[at[-1]] = "HUGE"
+        return json.dumps(doc).replace('"HUGE"', "9" * 5000).encode()
+    else:
+        parent[at[-1]] = rng.choice(REPLACEMENTS)
+    return json.dumps(doc).encode()
 
 
 @dataclass

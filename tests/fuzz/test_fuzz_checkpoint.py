@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from fuzz.harness import count, fuzz, mutate
+from fuzz.harness import count, fuzz, mutate, mutate_json
 from g3n_compile.checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from g3n_compile.checkpoint.preflight import check_checkpoint
 from g3n_compile.checkpoint.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
@@ -22,9 +22,6 @@ from g3n_compile.model.config import ConfigError
 pytestmark = pytest.mark.fuzz
 ERRORS = (CheckpointError, SafetensorsError, ConfigError)
 INDEX = "model.safetensors.index.json"
-# Values a structured mutation puts in place of a config entry: wrong types, huge, negative, zero, non-finite.
-REPLACEMENTS = ("text", True, None, [], {}, [1, 2], 0, -1, -(2 ** 63), 2 ** 31, 2 ** 63, 10 ** 18, 1e308,
-                float("nan"), float("inf"), 0.5, -0.5)
 
 
 @pytest.fixture
@@ -47,29 +44,8 @@ def others(folder, name: str):
     return [p for p in folder.iterdir() if p.is_file() and p.name != name]
 
 
-def paths(node, at=()):
-    """Every key/index path into a JSON document."""
-    yield at
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        yield from paths(child, at + (key,))
 
 
-def structured(doc, rng: random.Random) -> bytes:
-    """`doc` with one entry dropped or replaced (by a REPLACEMENTS value or a 5000-digit integer)."""
-    doc = copy.deepcopy(doc)
-    at = rng.choice([p for p in paths(doc) if p])
-    parent = doc
-    for key in at[:-1]:
-        parent = parent[key]
-    if rng.random() < 0.25:
-        del parent[at[-1]]
-        return json.dumps(doc).encode()
-    if rng.random() < 0.1:  # over Python's 4300-digit limit for int(): json must refuse it cleanly
-        parent[at[-1]] = "HUGE"
-        return json.dumps(doc).replace('"HUGE"', "9" * 5000).encode()
-    parent[at[-1]] = rng.choice(REPLACEMENTS)
-    return json.dumps(doc).encode()
 
 
 def test_fuzz_safetensors_header(tmp_path):
@@ -110,7 +86,7 @@ def test_fuzz_config_bytes(tiny):
 def test_fuzz_config_structured(tiny):
     doc = json.loads((tiny / "config.json").read_text())
     rng = random.Random(2)
-    cases = [(f"case {i}", check_with(tiny, "config.json", structured(doc, rng))) for i in range(count(150))]
+    cases = [(f"case {i}", check_with(tiny, "config.json", mutate_json(doc, rng))) for i in range(count(150))]
     report = fuzz("config.json structured", cases, errors=ERRORS, unchanged=others(tiny, "config.json"))
     report.check()
     assert report.accepted and report.clean_errors
@@ -131,7 +107,7 @@ def test_fuzz_shard_index(tiny):
         d["weight_map"].update({n: target for n in names})
         return json.dumps(d).encode()
 
-    cases = [mutate(valid, rng) for _ in range(count(100))] + [structured(doc, rng) for _ in range(count(50))] \
+    cases = [mutate(valid, rng) for _ in range(count(100))] + [mutate_json(doc, rng) for _ in range(count(50))] \
         + [redirect() for _ in range(count(50))]
     report = fuzz("shard index", [(f"case {i}", check_with(tiny, INDEX, data)) for i, data in enumerate(cases)],
                   errors=ERRORS, unchanged=others(tiny, INDEX))

@@ -5,15 +5,13 @@ bounds; the mutated file is restored after each case, and no file of the folder 
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import shutil
 
 import pytest
 
-from fuzz.harness import count, fuzz, mutate
-from g3n_compile.compile import compile_model
+from fuzz.harness import count, fuzz, mutate, mutate_json
 from runtime import load
 from runtime.abi import ManifestError
 from runtime.archive import ArchiveReader
@@ -21,20 +19,11 @@ from runtime.module import ModelError
 
 pytestmark = pytest.mark.fuzz
 ERRORS = (ModelError, ManifestError)
-# What a structured mutation puts in place of an entry: wrong types, zero, negative, huge, non-finite.
-REPLACEMENTS = ("text", "none", True, None, [], {}, [1, 2], 0, -1, 2 ** 31, 2 ** 63, 1e308, float("nan"), 0.5)
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz-folder") / "tiny"
-    compile_model("tiny-random", "cpu", out, max_context=64, chunk=16, log=lambda *_: None)
-    return out
 
 
 @pytest.fixture
-def folder(compiled, tmp_path):
-    return shutil.copytree(compiled, tmp_path / "tiny")
+def folder(tiny_out, tmp_path):
+    return shutil.copytree(tiny_out, tmp_path / "tiny")
 
 
 def run(name: str, folder, file: str, cases: int, mutation) -> object:
@@ -57,30 +46,8 @@ def run(name: str, folder, file: str, cases: int, mutation) -> object:
     return report
 
 
-def entries(node, at=()):
-    """Every key/index path into a JSON document."""
-    yield at
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        yield from entries(child, at + (key,))
 
 
-def structured(doc, rng: random.Random) -> bytes:
-    """`doc` with one entry, at any depth, dropped, replaced by a REPLACEMENTS value, or (a number) nudged by one."""
-    doc = copy.deepcopy(doc)
-    at = rng.choice([p for p in entries(doc) if p])
-    parent = doc
-    for key in at[:-1]:
-        parent = parent[key]
-    value = parent[at[-1]]
-    roll = rng.random()
-    if roll < 0.25:
-        del parent[at[-1]]
-    elif roll < 0.5 and type(value) in (int, float):
-        parent[at[-1]] = value + rng.choice((-1, 1))
-    else:
-        parent[at[-1]] = rng.choice(REPLACEMENTS)
-    return json.dumps(doc).encode()
 
 
 def test_fuzz_manifest_bytes(folder):
@@ -88,7 +55,7 @@ def test_fuzz_manifest_bytes(folder):
 
 
 def test_fuzz_manifest_structure(folder):
-    report = run("g3n.json structure", folder, "g3n.json", 300, lambda good, rng: structured(json.loads(good), rng))
+    report = run("g3n.json structure", folder, "g3n.json", 300, lambda good, rng: mutate_json(json.loads(good), rng))
     assert report.clean_errors > report.cases // 2  # most entries matter: the mutations reach the checks
 
 

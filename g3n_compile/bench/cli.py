@@ -41,8 +41,10 @@ from pathlib import Path
 
 import torch
 
+from runtime.errors import run_cli
+
 from .. import __version__
-from ..checkpoint import Checkpoint, CheckpointError, cache_root, resolve_checkpoint
+from ..checkpoint import Checkpoint, cache_root, resolve_checkpoint
 from ..checkpoint.random_weights import ensure_random_checkpoint
 from ..model.config import PRESETS
 from ..model.text import Gemma3nTextModel
@@ -83,6 +85,10 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli("g3n-bench", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
         prog="g3n-bench",
         description="Benchmark g3n against PyTorch eager and the memory-bandwidth bound on random weights with real "
@@ -122,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--baselines: unknown engine(s) {', '.join(unknown)} (available: {', '.join(ENGINES)}, none)")
     if args.decode_tokens < 1:
         p.error("--decode-tokens must be at least 1")
-    try:
-        results = run(args, baselines)
-    except (BenchError, CheckpointError) as e:
-        print(f"g3n-bench: error: {e}", file=sys.stderr)
-        return 1
+    results = run(args, baselines)
     table = markdown(results)
     if args.json:
         text = json.dumps(results, indent=1)

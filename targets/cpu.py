@@ -60,4 +60,17 @@ def compile_flags(arch: str = DEFAULT_ARCH, quant: str = "none") -> list[str]:
         return flags + ["--iree-dispatch-creation-block-matmul-producer-fusion=false",
                         "--iree-llvmcpu-reassociate-fp-reductions=true"]
     # Pack weights once (in an initializer) for data-tiled matmuls, IREE's fastest f32/bf16 matvec and matmul.
-    return flags + ["--iree-opt-data-tiling"]
+    # Data tiling from GlobalOptimization, not `--iree-opt-data-tiling`: in IREE 3.13 that flag picks the
+    # DispatchCreation path, whose encodings reach the matmuls' fused elementwise consumers, and two of its
+    # codegen bugs stop modules g3n exports (issue 18; minimal dispatches in tests/test_cpu_targets.py):
+    # - an i1 operand of the consumer is packed with an i1 padding value into its i8 storage: prefill's
+    #   attention mask before the softmax when each KV head has one query head ("'linalg.pack' op expected
+    #   padding_value has 'i8' but got: 'i1'", "failed to configure executables"; with a key count that
+    #   needs no padding, "'iree_codegen.load_from_buffer' op ... element types must match"), on every CPU;
+    # - a consumer with two results (the audio conformer's residual sum and its clamp, after a 750-row
+    #   matmul) gets an unpack tiled to whole rows of outer tiles, vector<1x376x16xf32> (24 KB) at AVX2's
+    #   8x8 tiles: over the limit of 512 native vectors (16 KB at 32 bytes; 8 KB for SSE2), "One or more
+    #   operations with large vector sizes", so the audio encoder failed without AVX-512 (32 KB allowed).
+    # The GlobalOptimization path packs weights in initializers too and runs the same mmt4d kernels (decode
+    # and prefill measured at the same speed on this host).
+    return flags + ["--iree-global-opt-data-tiling"]

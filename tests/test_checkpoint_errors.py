@@ -381,7 +381,8 @@ def test_eos_outside_the_vocabulary(tiny):
     ("audio_config", "hidden_size", 2 ** 31, "audio_config.hidden_size: 2147483648 is larger than"),
     ("audio_config", "vocab_size", 10 ** 18, "audio_config.vocab_size: 1000000000000000000 is larger than"),
     ("audio_config", "sscp_conv_kernel_size", [[3, 3], [3, 200]], "the subsampling convs leave no mel bin"),
-    ("text_config", "rope_parameters", {"full_attention": 0.5}, "text config: a field has the wrong type"),
+    ("text_config", "rope_parameters", {"full_attention": 0.5},
+     "text_config.rope_parameters.full_attention: expected an object, got 0.5"),
 ])
 def test_corrupt_sizes_stop_before_any_model_is_built(tiny, section, field, value, expect):
     edit_json(tiny / "config.json", lambda d: d[section].update({field: value}))

@@ -4,7 +4,7 @@
 `--device_profiling_mode=host-execution` (IREE's local CPU devices time each dispatch on the host);
 `iree-profile dispatch --dispatch_events --format=jsonl` reads the bundle back. The last submission is
 the decode call (earlier ones are initializers). Dispatch times are summed per dispatch and per kind, the
-op word IREE puts into each dispatch's name (matmul, matvec, elementwise, reduction, encode, ...), and per
+op word IREE puts into each dispatch's name (matmul, matvec, mmt4d, elementwise, reduction, encode, ...), and per
 op and shape (`matmul_1x2048x8192_bf16`).
 """
 
@@ -24,7 +24,7 @@ from runtime.abi import Manifest
 _ELEMENT = {"int64": "i64", "float32": "f32", "bool": "i1"}  # iree-run-module's names
 # IREE names dispatches `<function>$async_dispatch_<n>_<op>_<shape>_<types>` (`_encoding_<n>_...` for
 # packing); identical executables are shared between functions under the first one's name.
-_NAME = re.compile(r"(?:dispatch|encoding)_\d+_(([a-z]+).*)")
+_NAME = re.compile(r"(?:dispatch|encoding)_\d+_(([a-z][a-z0-9]*).*)")
 
 
 def _tool(name: str) -> str:

@@ -46,6 +46,7 @@ from .export.program import PARAM_SCOPE
 from .export.text import ExportedText, export_text_model
 from .model.config import ConfigError, TextConfig
 from .model.multimodal_config import prompt_tokens
+from .model.vision import sum_channels_by_matmul
 from .output import StagedFolder, check_output_folder
 
 PLE_TABLE = "embed_tokens_per_layer.weight"
@@ -148,11 +149,10 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
     t0 = time.perf_counter()
     exported = export_text_model(text, chunk, max_context, log=log)
     towers = find_towers(ckpt, weight_dtype)
-    encoders = []
-    for tower in towers:
-        t1 = time.perf_counter()
-        encoders.append(export_encoder(tower.kind, tower.model, tower.preprocessing))
-        log(f"  exported {tower.kind} encoder ({_encoder_shape(encoders[-1])}) in {time.perf_counter() - t1:.1f}s")
+    forms = _encoder_forms(towers, plan, skip_encoders)
+    for (kind, _), form in forms.items():
+        log(f"  exported {kind} encoder ({_encoder_shape(form)})")
+    encoders = list({kind: form for (kind, _), form in forms.items()}.values())  # one per tower: the same ABI
     t_export = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -209,12 +209,14 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
         compile_s = round(time.perf_counter() - t0, 2)
         log(f"g3n-compile: {name}: {vmfb.stat().st_size / 1e6:.2f} MB module in {compile_s:.1f}s")
         compiled = {}
-        for encoder in encoders:
-            if encoder.kind in skip_encoders:
-                log(f"g3n-compile: {name}: no {encoder.kind} encoder (--skip-encoder {encoder.kind})")
+        for kind in (e.kind for e in encoders):
+            if kind in skip_encoders:
+                log(f"g3n-compile: {name}: no {kind} encoder (--skip-encoder {kind})")
                 continue
+            encoder = forms[kind, _form(target, kind)]
             module = stage / f"{name}-{encoder.kind}.vmfb"
-            encoder_flags = target.compile_flags(arch)  # the towers are not quantized
+            # The towers are not quantized; some targets need flags of their own for one encoder.
+            encoder_flags = target.compile_flags(arch) + list((target.SUPPORTS.encoder_flags or {}).get(kind, ()))
             log(f"g3n-compile: compiling the {encoder.kind} encoder for {name}")
             t1 = time.perf_counter()
             try:
@@ -235,16 +237,32 @@ def _build(ckpt: Checkpoint, text, stored_names: dict[str, str], weight_dtype: t
     return manifest, sorted(_module_files(previous) - _module_files(manifest)) if previous else []
 
 
+def _form(target, kind: str) -> bool:
+    """Which export form of encoder `kind` `target` compiles: whether its channel norms sum by matmul."""
+    return kind == "vision" and target.SUPPORTS.channel_sums_by_matmul
+
+
+def _encoder_forms(towers: list[Tower], plan: list[tuple[str, str]], skip_encoders
+                   ) -> dict[tuple[str, bool], ExportedEncoder]:
+    """Each tower exported in every form the targets of `plan` compile ((kind, form) -> export)."""
+    forms = {}
+    for tower in towers:
+        wanted = {_form(TARGETS[name], tower.kind) for name, _ in plan} if tower.kind not in skip_encoders else {False}
+        for form in sorted(wanted):
+            sum_channels_by_matmul(tower.model, form)
+            forms[tower.kind, form] = export_encoder(tower.kind, tower.model, tower.preprocessing)
+    return forms
+
+
 def _check_encoders(ckpt: Checkpoint, plan: list[tuple[str, str]], skip_encoders) -> None:
     """Before the export: every tower the checkpoint has compiles for every target asked for, or is skipped."""
     for kind, _, _ in tower_configs(ckpt):
         for name, _ in plan:
             supports = TARGETS[name].SUPPORTS
             if kind not in supports.encoders and kind not in skip_encoders:
-                raise CompileError(f"the {name} target cannot take the checkpoint's {kind} encoder "
-                                   f"({(supports.why_not or {}).get(kind, 'not supported')}); pass --skip-encoder "
-                                   f"{kind} to build the {name} module without {ENCODER_MEDIA[kind]} (prompts with "
-                                   f"{ENCODER_MEDIA[kind]} then need another target of the folder)")
+                raise CompileError(f"the {name} target cannot take the checkpoint's {kind} encoder; pass "
+                                   f"--skip-encoder {kind} to build the {name} module without {ENCODER_MEDIA[kind]} "
+                                   f"(prompts with {ENCODER_MEDIA[kind]} then need another target of the folder)")
 
 
 def _module_files(manifest: Manifest) -> set[str]:

@@ -11,7 +11,8 @@ class Supports:
     int4_generic: str  # where the generic-linalg int4 matmul (int4-pack's dequantize + grouped contraction) compiles: "all" M, or "matvec" (M=1)
     attention: str  # the attention form it runs
     encoders: tuple[str, ...] = ("audio", "vision")  # the towers whose encoders compile for it
-    why_not: dict | None = None  # encoder kind -> why it does not compile (for the error that says so)
+    encoder_flags: dict | None = None  # encoder kind -> extra iree-compile flags for that encoder
+    channel_sums_by_matmul: bool = False  # export the vision tower's channel norms as matmuls (model/vision.py)
     int4_kernel: object | None = None  # g3n's int4 x int8 C kernel (targets/int4_kernel), where the target links it
 
     def describe(self) -> str:

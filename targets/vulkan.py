@@ -20,8 +20,13 @@ ARCHS = ("llvmpipe", "rdna3", "rdna2", "valhall", "ampere", "turing", "adreno")
 # int4-pack's dequantize + grouped contraction compiles for prefill as well as decode here, for llvmpipe and IREE's GPU
 # names alike, and matches the CPU module on llvmpipe.
 SUPPORTS = Supports(dtypes=("float32", "float16", "bfloat16"), int4_generic="all", attention="decomposed (matmul + softmax)",
-                    encoders=("audio",),
-                    why_not={"vision": "IREE 3.13's SPIR-V codegen fails on the vision encoder's conv + norm dispatches"})
+                    channel_sums_by_matmul=True,
+                    # IREE 3.13's SPIR-V code for an elementwise dispatch that writes into a zero-padded buffer at
+                    # an offset that is not a multiple of 4 (a 5x5 depthwise conv's pad of 2 at an even width)
+                    # rounds its vector-of-4 stores down: every row lands 2 columns left. Fusing the padding into
+                    # the consumer (the conv reads the pad itself) leaves no such write. Vision only: the CPU
+                    # compile of this flag fails, and nothing else was checked with it.
+                    encoder_flags={"vision": ("--iree-dispatch-creation-enable-fuse-padding-into-linalg-consumer-ops",)})
 
 
 def accepts(arch: str) -> bool:

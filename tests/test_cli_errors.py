@@ -1,5 +1,6 @@
 """User mistakes end in one clear `error:` line and a non-zero exit, never a traceback."""
 
+import dataclasses
 import json
 import shutil
 
@@ -9,6 +10,7 @@ import g3n_compile.compile as driver
 from g3n_compile.cli import main as g3n_compile
 from g3n_compile.compile import compile_model
 from runtime.cli import main as g3n_run
+from targets import vulkan
 
 
 def one_error(capsys, prog) -> str:
@@ -102,7 +104,8 @@ def test_prompt_and_chat_generate_text(tiny_out, capsys):
     assert "prompt tokens" in captured.err and captured.out.strip()
 
 
-def test_a_target_that_cannot_take_a_tower_stops_before_the_export(tmp_path, capsys):
+def test_a_target_that_cannot_take_a_tower_stops_before_the_export(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(vulkan, "SUPPORTS", dataclasses.replace(vulkan.SUPPORTS, encoders=("audio",)))
     assert g3n_compile(["--target", "vulkan", "--max-context", "64", "-o", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert ("g3n-compile: error: the vulkan target cannot take the checkpoint's vision encoder" in err

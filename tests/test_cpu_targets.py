@@ -63,9 +63,9 @@ def _greedy(folder) -> list[int]:
     return llm.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).output_ids
 
 
-def _soft_tokens(folder) -> dict[str, np.ndarray]:
+def soft_tokens(folder, device: str = "cpu") -> dict[str, np.ndarray]:
     """Both encoders' outputs on fixed random inputs (a 30 s clip's worth of features, half of it masked)."""
-    model = load(folder, device="cpu").model
+    model = load(folder, device=device).model
     audio, _ = model.encoder("audio")
     vision, _ = model.encoder("vision")
     rng = np.random.default_rng(18)
@@ -76,7 +76,7 @@ def _soft_tokens(folder) -> dict[str, np.ndarray]:
     return {"audio": model.encode("audio", features, mask), "vision": model.encode("vision", pixels)}
 
 
-def _assert_close(got: np.ndarray, want: np.ndarray, what: str):
+def assert_close(got: np.ndarray, want: np.ndarray, what: str):
     err = np.abs(got - want).max() / np.abs(want).max()
     print(f"{what}: max difference {err:.1e} of max |value|")
     assert err <= 1e-4, f"{what}: {err:.2e} relative"
@@ -146,10 +146,9 @@ def test_g3n_cpu_flags_compile_the_dispatches_issue_18_found(source, arch, tmp_p
 # ---- tiny-random: text + audio + vision ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_host(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-host")
-    _compile("tiny-random", out, "host", TINY_CONTEXT, TINY_CHUNK)
-    return out, _greedy(out), _soft_tokens(out)
+def tiny_host(tiny_out):
+    """The session's tiny-random folder (conftest: host CPU, TINY_CONTEXT, TINY_CHUNK) and what it gives."""
+    return tiny_out, _greedy(tiny_out), soft_tokens(tiny_out)
 
 
 def _tiny_for(arch, tmp_path_factory):
@@ -179,9 +178,9 @@ def test_tiny_random_for_another_cpu_runs_as_the_host_build(arch, tiny_host, tmp
     host, host_tokens, host_soft = tiny_host
     out = _tiny_for(arch, tmp_path_factory)
     assert _greedy(out) == host_tokens
-    soft = _soft_tokens(out)
+    soft = soft_tokens(out)
     for kind in ("audio", "vision"):
-        _assert_close(soft[kind], host_soft[kind], f"{arch} {kind} soft tokens")
+        assert_close(soft[kind], host_soft[kind], f"{arch} {kind} soft tokens")
 
 
 @slow

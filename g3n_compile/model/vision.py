@@ -62,7 +62,13 @@ class Conv2d(nn.Module):
 
 
 class RMSNorm2d(nn.Module):
-    """RMS norm over the channels of NCHW, in the input dtype; optionally followed by GELU (tanh)."""
+    """RMS norm over the channels of NCHW, in the input dtype; optionally followed by GELU (tanh).
+
+    `sums_by_matmul` (set by `sum_channels_by_matmul`) computes the mean of squares as a matmul with rows of
+    1/C: the same value, in a form IREE 3.13's SPIR-V codegen compiles (its subgroup reduction over the
+    channels leaves a vector accumulator it cannot legalize). One row fails the same way; four do not."""
+
+    sums_by_matmul = False
 
     def __init__(self, channels: int, act: bool = False):
         super().__init__()
@@ -70,8 +76,21 @@ class RMSNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + NORM_EPS) * self.weight.view(1, -1, 1, 1)
+        if self.sums_by_matmul:
+            n, c, h, w = x.shape
+            rows = torch.full((1, 4, c), 1.0 / c, dtype=x.dtype, device=x.device)
+            mean_square = torch.matmul(rows, (x * x).reshape(n, c, h * w))[:, :1].reshape(n, 1, h, w)
+        else:
+            mean_square = x.pow(2).mean(1, keepdim=True)
+        x = x * torch.rsqrt(mean_square + NORM_EPS) * self.weight.view(1, -1, 1, 1)
         return gelu_tanh(x) if self.act else x
+
+
+def sum_channels_by_matmul(model: nn.Module, enabled: bool) -> None:
+    """Switch every RMSNorm2d in `model` to (or back from) its matmul form."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm2d):
+            module.sums_by_matmul = enabled
 
 
 class ConvNorm(nn.Module):

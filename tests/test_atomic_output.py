@@ -58,7 +58,8 @@ def test_unknown_pass_names_are_caught_before_the_export(built, option, capsys):
     assert "reading" not in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("fault", [CompileError("iree-compile failed for cpu.vmfb: boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("fault", [CompileError("iree-compile failed for cpu.vmfb: boom"),
+                                   pytest.param(KeyboardInterrupt(), marks=pytest.mark.slow)])
 def test_a_failed_or_interrupted_compile_leaves_the_folder_as_it_was(built, fault, monkeypatch):
     """Another build (max context 32: a new archive is written) that fails at its last step."""
     ckpt, out = built

@@ -60,6 +60,7 @@ def test_an_image_and_audio_prompt_on_vulkan_generates_what_the_cpu_generates(fo
     assert tokens["vulkan"] == tokens["cpu"] and len(tokens["cpu"]) == 12
 
 
+@pytest.mark.slow  # five compiles, ~100 s on 2 cores
 @pytest.mark.parametrize("target,arch", [(vulkan, "rdna3"), (vulkan, "ampere"), (vulkan, "valhall"), (cuda, "sm_80"),
                                          (cuda, "sm_90")])
 def test_the_vision_encoder_compiles_for_real_gpus(target, arch, tmp_path):

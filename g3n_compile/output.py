@@ -28,8 +28,8 @@ class StagedFolder:
     without a commit (an error, Ctrl-C) removes the staged files and leaves `out` untouched."""
 
     def __init__(self, out: Path):
+        """`out` has passed `check_output_folder` (the driver checks it before the export)."""
         self.out = Path(out)
-        check_output_folder(self.out)
         try:
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.resolve().name}.partial-",
                                               dir=self.out.resolve().parent))
